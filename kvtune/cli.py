@@ -1,0 +1,78 @@
+"""The ``kvtune`` command line: thin typer commands over library functions.
+
+Data goes to stdout, logs and progress to stderr. Bad input raises :class:`kvtune.errors.UserError`, which
+:class:`_Group` turns into one line on stderr and exit code 2; so does a bad flag.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from kvtune.errors import UserError
+
+
+class _Group(TyperGroup):
+    """Click group whose errors are one line and exit code 2 (no usage block, no traceback)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: D401
+        try:
+            rv = super().main(args=args, prog_name=prog_name or "kvtune", complete_var=complete_var,
+                              standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:  # pragma: no cover - depends on click version
+            click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
+            sys.exit(0)
+        except click.UsageError as exc:
+            hint = f" (try 'kvtune {exc.ctx.info_name if exc.ctx and exc.ctx.parent else ''} --help')".replace("  ", " ")
+            click.echo(f"kvtune: error: {exc.format_message()}{hint}", err=True)
+            sys.exit(2)
+        except UserError as exc:
+            click.echo(f"kvtune: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("kvtune: aborted", err=True)
+            sys.exit(130)
+        except KeyboardInterrupt:
+            click.echo("kvtune: interrupted", err=True)
+            sys.exit(130)
+        if isinstance(rv, int) and not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(
+    cls=_Group,
+    name="kvtune",
+    help="Hardware-aware auto-tuner and policy advisor for the KV cache of LLM inference.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _register() -> None:
+    # Each command lives in kvtune/commands/<name>.py as a plain function; the order here is the --help order.
+    from kvtune.commands import recommend as _recommend
+    from kvtune.commands import evaluate as _evaluate
+    from kvtune.commands import listing as _listing
+
+    app.command("recommend")(_recommend.recommend)
+    app.command("evaluate")(_evaluate.evaluate)
+    app.command("scenarios")(_listing.scenarios)
+    app.command("strategies")(_listing.strategies)
+    # -- other commands register below (one import + one app.command line each) --
+
+
+_register()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
