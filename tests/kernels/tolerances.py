@@ -29,6 +29,11 @@ QUANT_TRITON_VS_REF = {torch.float32: (1e-6, 1e-6), torch.float16: (1e-3, 1e-3),
 # 2**-8) and the Triton path casts p to the input dtype before the p@V product -> 2u-4u.
 ATTN = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 
+# Decode attention over fp8 / int KV, Triton vs reference. The reference dequantizes to float32; the kernel
+# feeds tensor-core dots in the input dtype, so it rounds once more: the dequantized tile (c*s + z) or the
+# scale-folded query (q*s), and p*s for per-token value scales -> one extra u on top of ATTN, padded 2x.
+ATTN_QUANT = {torch.float32: (2e-5, 2e-5), torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 3e-2)}
+
 # Attention probabilities summed per KV head (values in [0, group]); same reasoning, fp32 exp/log.
 ATTN_PROBS = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (8e-3, 8e-3)}
 
