@@ -1,0 +1,284 @@
+"""Shared pieces of the exporters: notes, budgets, capacity, headers and deterministic rendering.
+
+Three rules every exporter follows (docs/exports.md spells them out per stack):
+
+1. *Expressible* — the stage or switch maps to a stack option; the option is written.
+2. *Partly expressible* — the method maps but one of its parameters does not; the option is written with the
+   nearest value the stack accepts, and a note says what changed.
+3. *Not expressible* — nothing is written for it, so the stack keeps its lossless behaviour (every token kept,
+   KV in the model dtype); a note names what was left out and the nearest supported setting, which is *not*
+   applied, because kvtune never measured its quality.
+
+Notes end up in the exported file (as comments) and on stderr (the command prints them); never silently.
+Rendering is deterministic: no clocks, no hostnames, keys in a fixed order, floats written with fixed rules.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+import yaml
+
+from kvtune.io import dump_yaml
+from kvtune.pipeline import Pipeline, Stage
+
+GIB = 1024**3
+
+IDENTITY_CODECS = ("fp16", "bf16")
+KNOWN_SELECTIONS = (
+    "none", "streaming_llm", "snapkv", "h2o", "pyramidkv", "ada_kv", "tova", "knorm", "sliding_window", "random",
+)
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """One file an exporter produces: its name inside the output folder, its text, and its notes."""
+
+    filename: str
+    text: str
+    notes: tuple[str, ...] = ()
+
+
+@dataclass
+class Notes:
+    """Collects what a stack cannot express (``dropped``) and other facts the user must know (``info``)."""
+
+    stack: str
+    dropped: list[str] = field(default_factory=list)
+    info: list[str] = field(default_factory=list)
+
+    def not_expressible(self, what: str, nearest: str) -> None:
+        self.dropped.append(f"{what}: not expressible in {self.stack}; nearest supported: {nearest}")
+
+    def approximated(self, what: str, how: str) -> None:
+        self.dropped.append(f"{what}: approximated in {self.stack}: {how}")
+
+    def note(self, text: str) -> None:
+        self.info.append(text)
+
+    def all(self) -> tuple[str, ...]:
+        return tuple(self.dropped)
+
+
+# -- pipeline facts ---------------------------------------------------------------------------------------
+
+
+def stage_label(stage: Stage) -> str:
+    return stage.label()
+
+
+def context_tokens(p: Pipeline) -> int | None:
+    """The context length the pipeline was measured at (cost), else the workload's p90, else None."""
+    if p.measured is not None:
+        return p.measured.cost.context_tokens
+    wl = p.provenance.workload if p.provenance is not None else None
+    if wl is not None and wl.context_p90:
+        return wl.context_p90
+    return None
+
+
+def budget_of(stage: Stage) -> float | int | None:
+    value = stage.params.get("budget")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value
+
+
+def keep_fraction(stage: Stage, ctx: int | None) -> tuple[float | None, str | None]:
+    """Fraction of the context a selection keeps, and how it was derived when it needed a conversion.
+
+    A float budget is the fraction itself; an int budget is a token count, turned into a fraction of ``ctx``.
+    Returns ``(None, reason)`` when no fraction can be derived.
+    """
+    budget = budget_of(stage)
+    if budget is None:
+        return None, "no 'budget' parameter"
+    if isinstance(budget, float):
+        return budget, None
+    if ctx is None:
+        return None, f"budget is {budget} tokens and no context length is known to turn it into a fraction"
+    frac = min(1.0, budget / ctx)
+    return frac, f"budget {budget} tokens = {fmt_num(frac)} of the {ctx}-token context it was measured at"
+
+
+def keep_tokens(stage: Stage, ctx: int | None) -> tuple[int | None, str | None]:
+    """Tokens a selection keeps, and how it was derived when it needed a conversion (see :func:`keep_fraction`)."""
+    budget = budget_of(stage)
+    if budget is None:
+        return None, "no 'budget' parameter"
+    if isinstance(budget, int):
+        return budget, None
+    if ctx is None:
+        return None, f"budget is a fraction ({fmt_num(budget)}) and no context length is known to turn it into tokens"
+    tokens = min(ctx, max(1, math.ceil(budget * ctx)))
+    return tokens, f"budget {fmt_num(budget)} of the {ctx}-token context it was measured at = {tokens} tokens"
+
+
+def int_param(stage: Stage, name: str, default: int | None = None) -> int | None:
+    value = stage.params.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        return default
+    return value
+
+
+def float_param(stage: Stage, name: str, default: float | None = None) -> float | None:
+    value = stage.params.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return default
+    return float(value)
+
+
+def str_param(stage: Stage, name: str, default: str | None = None) -> str | None:
+    value = stage.params.get(name, default)
+    return value if isinstance(value, str) else default
+
+
+def host_bytes(p: Pipeline) -> int | None:
+    """Host memory for the offloaded KV: ``placement.params.host_bytes``, else derived from measurements.
+
+    Derived as ``capacity_seqs * context_tokens * bytes_per_token * (1 - gpu_fraction)``: the share of the KV of a
+    full batch that the pipeline keeps off the GPU. None when neither is available.
+    """
+    if p.placement.method != "offload":
+        return None
+    explicit = int_param(p.placement, "host_bytes")
+    if explicit is not None and explicit > 0:
+        return explicit
+    if p.measured is None:
+        return None
+    cost = p.measured.cost
+    share = 1.0 - (float_param(p.placement, "gpu_fraction", 0.25) or 0.0)
+    derived = int(cost.capacity_seqs * cost.context_tokens * cost.bytes_per_token * share)
+    return derived if derived > 0 else None
+
+
+def codec_factor(stack_kv_dtype: str) -> float:
+    """Bytes of the stack's KV element relative to the 16-bit model dtype."""
+    return 0.5 if "fp8" in stack_kv_dtype else 1.0
+
+
+def stack_capacity(p: Pipeline, *, exact: bool, stack_kv_dtype: str, kept_fraction: float = 1.0
+                   ) -> tuple[int | None, str]:
+    """Concurrent sequences to configure on a stack, with a sentence saying where the number comes from.
+
+    ``exact``: the stack realizes the pipeline's stored form as measured, so the measured ``capacity_seqs``
+    holds. Otherwise the stack keeps every token on the GPU in ``stack_kv_dtype``, so the capacity is the
+    measured full-cache capacity scaled by the element size and by the share of each context the stack keeps
+    (``capacity_full_seqs / (factor * kept_fraction)``; ``kept_fraction`` < 1 for a window the stack realizes).
+    """
+    if p.measured is None:
+        return None, "no measured capacity in the pipeline: the stack's default is kept"
+    cost = p.measured.cost
+    if exact:
+        seqs = cost.capacity_seqs
+        how = f"measured capacity: {seqs} sequences of {cost.context_tokens} tokens"
+    else:
+        kept = min(1.0, max(kept_fraction, 1e-9))
+        seqs = int(cost.capacity_full_seqs / (codec_factor(stack_kv_dtype) * kept))
+        share = "every token" if kept >= 1.0 else f"{fmt_num(kept)} of each context"
+        how = (
+            f"the stack keeps {share} on the GPU in its KV dtype, so capacity is the measured full-cache capacity "
+            f"({cost.capacity_full_seqs} sequences of {cost.context_tokens} tokens) scaled to that: {seqs}"
+        )
+    if seqs < 1:
+        return None, f"measured capacity is {seqs} sequences: the stack's default is kept"
+    return seqs, how
+
+
+def model_id(p: Pipeline) -> str | None:
+    """The model as a hub id ``org/name`` when provenance has one (a local path is not portable)."""
+    if p.provenance is None or p.provenance.model is None:
+        return None
+    source = p.provenance.model.source
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source) and not source.endswith((".gguf", ".safetensors")):
+        return source
+    return None
+
+
+def selection_nearest(stack_hint: str) -> str:
+    return f"keep every token (full cache){stack_hint}"
+
+
+# -- rendering --------------------------------------------------------------------------------------------
+
+
+def fmt_num(value: float) -> str:
+    """A float written the same way on every run: up to 6 significant digits, no exponent for usual sizes."""
+    text = f"{value:.6g}"
+    return text
+
+
+def round_gib(n_bytes: int) -> float:
+    """Bytes to GiB, rounded up to 2 decimals (never under-provision the host tier)."""
+    return math.ceil(n_bytes / GIB * 100) / 100
+
+
+def round_gb_int(n_bytes: int) -> int:
+    """Bytes to whole gigabytes (1e9), rounded up."""
+    return max(1, math.ceil(n_bytes / 1e9))
+
+
+def compact_json(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+def header_lines(*, title: str, p: Pipeline, stack: str, version: str, options_file: str | None,
+                 usage: list[str], notes: Notes, kvtune_version: str) -> list[str]:
+    """The comment block at the top of every exported file (without comment markers)."""
+    lines = [title, f"checked against {stack} {version}"]
+    if options_file:
+        lines[-1] += f" (option list: kvtune/export/options/{options_file})"
+    lines.append(f"generated by kvtune {kvtune_version} from pipeline: {p.label()}")
+    if p.name:
+        lines.append(f"pipeline name: {p.name}")
+    if p.provenance is not None and p.provenance.model is not None:
+        m = p.provenance.model
+        lines.append(
+            f"model: {m.name} ({m.source}; {m.layers} layers, {m.kv_heads} KV heads, head_dim {m.head_dim}, {m.dtype})"
+        )
+    lines.append("")
+    lines += usage
+    if notes.dropped:
+        lines.append("")
+        lines.append(f"LEFT OUT OR CHANGED ({stack} {version} cannot express them):")
+        lines += [f"  - {d}" for d in notes.dropped]
+    if notes.info:
+        lines.append("")
+        lines.append("Notes:")
+        lines += [f"  - {i}" for i in notes.info]
+    return lines
+
+
+def comment_block(lines: list[str], marker: str = "#") -> str:
+    return "".join(f"{marker} {line}".rstrip() + "\n" for line in lines)
+
+
+def yaml_file(header: list[str], body: dict[str, Any]) -> str:
+    text = comment_block(header)
+    if body:
+        text += "\n" + dump_yaml(body)
+    else:
+        text += "\n{}\n"
+    return text
+
+
+def kvtune_version() -> str:
+    from kvtune import __version__
+
+    return __version__
+
+
+# -- recorded option lists --------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def load_options(filename: str) -> dict[str, Any]:
+    """A recorded option list (``kvtune/export/options/<filename>``), parsed."""
+    text = resources.files("kvtune.export").joinpath("options").joinpath(filename).read_text(encoding="utf-8")
+    return yaml.safe_load(text)
