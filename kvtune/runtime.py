@@ -1,0 +1,306 @@
+"""Running a pipeline inside a Hugging Face transformers model.
+
+Two pieces, both through transformers' public extension points (no model class is patched, no model family
+is special-cased):
+
+* :class:`KVCache`, a ``transformers.Cache`` whose per-layer objects (:class:`PipelineLayer`) keep what the
+  pipeline's codec produced and apply its selector. ``get_seq_length()`` counts tokens *seen*, so position ids
+  keep counting after eviction; the stored tokens are ``len(layer.store)``.
+* :func:`kvtune_attention`, registered with ``AttentionInterface`` as ``"kvtune"``. Each layer's ``update``
+  hands its returned key tensor to a thread-local slot; the attention function claims the slot when it
+  receives that very tensor (identity check), so it knows which cache layer it serves, computes attention,
+  and gives the layer the queries or probabilities its selector needs: the prompt's last queries at prefill
+  (SnapKV), accumulated attention (H2O). With another cache, it is plain SDPA.
+
+Order within a layer at prefill: attention runs over the fresh full-precision K/V (as serving stacks do), then
+the selector picks the tokens to keep and the codec encodes them. Later tokens are encoded on arrival and
+attention reads the decoded stored form. Unpadded batches only: the causal mask is built here, aligned to the
+end of the stored keys, which is what makes attention right after eviction.
+
+"Prefill once, compress many": :func:`prefill_record` runs a prompt once with the full cache and keeps every
+layer's K/V plus what selectors need (:class:`PrefillRecord`); :meth:`KVCache.from_record` builds a compressed
+cache from it for any pipeline without running the model again.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvtune.pipeline import Pipeline
+from kvtune.strategies import ScoreInputs, Selector, build
+from kvtune.strategies.base import Codec, Store, budget_tokens, protected_topk
+
+ATTENTION_NAME = "kvtune"
+WINDOW_MAX = 64  # prompt queries recorded for window-based selectors (SnapKV's window is <= 64)
+
+_slot = threading.local()
+
+
+@dataclass
+class Stages:
+    """A pipeline turned into strategy objects."""
+
+    selector: Selector | None
+    codec: Codec
+    placement: Any
+
+    @classmethod
+    def of(cls, pipeline: Pipeline) -> "Stages":
+        return cls(
+            selector=build("selection", pipeline.selection.method, pipeline.selection.params),  # type: ignore[arg-type]
+            codec=build("codec", pipeline.codec.method, pipeline.codec.params),  # type: ignore[arg-type]
+            placement=build("placement", pipeline.placement.method, pipeline.placement.params),
+        )
+
+
+@dataclass
+class LayerRecord:
+    keys: torch.Tensor  # (B, H, T, D)
+    values: torch.Tensor  # (B, H, T, D)
+    window_queries: torch.Tensor  # (B, Hq, min(T, WINDOW_MAX), D)
+    attention_sums: torch.Tensor | None  # (B, H, T)
+    scaling: float
+
+
+@dataclass
+class PrefillRecord:
+    """One prompt prefilled once with the full cache: per-layer K/V and what selectors need."""
+
+    input_ids: torch.Tensor  # (B, T)
+    last_logits: torch.Tensor  # (B, V): the next-token distribution after the prompt (full cache)
+    layers: list[LayerRecord] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
+class PipelineLayer(CacheLayerMixin):
+    """One model layer's cache under a pipeline: a codec store, a selector, explicit counters."""
+
+    is_sliding = False
+    is_compileable = False
+    supports_early_init = False
+
+    def __init__(self, stages: Stages, layer_idx: int, num_layers: int, *, record: bool = False,
+                 record_sums: bool = False, seed: int = 0) -> None:
+        super().__init__()
+        self.stages = stages
+        self.layer_idx = layer_idx
+        self.num_layers = num_layers
+        self.store: Store = stages.codec.new_store()
+        self.tokens_seen = 0  # tokens that passed through this layer (positions)
+        self.scores: torch.Tensor | None = None  # (B, H, N) accumulated attention, decode-time selectors
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # prompt K/V awaiting selection
+        self.record = record
+        self.record_sums = record_sums
+        self.recorded: LayerRecord | None = None
+        self.generator = torch.Generator().manual_seed(seed * 1009 + layer_idx)
+
+    # -- transformers' layer protocol ------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.tokens_seen += key_states.shape[-2]
+        if len(self.store) == 0 and self.pending is None:
+            # prefill: attention runs on the fresh K/V; selection and encoding follow in after_attention
+            self.pending = (key_states, value_states)
+            keys, values = key_states, value_states
+        else:
+            self.store.append(key_states, value_states)
+            if self.scores is not None:
+                b, h, t = key_states.shape[0], key_states.shape[1], key_states.shape[-2]
+                self.scores = torch.cat([self.scores, self.scores.new_zeros(b, h, t)], dim=-1)
+            keys, values = self.store.decoded()
+        _slot.claim = (self, keys)
+        return keys, values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return len(self.store) + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.tokens_seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.store = self.stages.codec.new_store()
+        self.tokens_seen = 0
+        self.scores = None
+        self.pending = None
+
+    # -- kvtune ----------------------------------------------------------------------------------------------
+    @property
+    def wants_probs(self) -> bool:
+        sel = self.stages.selector
+        return self.pending is None and sel is not None and sel.decode_time
+
+    def after_attention(self, query: torch.Tensor, scaling: float, probs: torch.Tensor | None) -> None:
+        """Called by the attention function once this layer's attention is computed."""
+        if self.pending is not None:
+            keys, values = self.pending
+            self.pending = None
+            sel = self.stages.selector
+            window = query[:, :, -WINDOW_MAX:]
+            sums = None
+            if self.record_sums or (sel is not None and "attention_sums" in sel.needs):
+                sums = attention_column_sums(query, keys, scaling)
+            if self.record:
+                self.recorded = LayerRecord(keys, values, window, sums, scaling)
+            self.compress(keys, values, window, sums, scaling)
+        elif probs is not None and self.scores is not None:
+            self.scores = self.scores + probs
+            self._evict_over_budget(scaling)
+
+    def compress(self, keys: torch.Tensor, values: torch.Tensor, window: torch.Tensor | None,
+                 sums: torch.Tensor | None, scaling: float) -> None:
+        """Select (if any) and encode the prompt's K/V into the store."""
+        sel = self.stages.selector
+        if sel is not None:
+            inputs = ScoreInputs(keys, values, self.layer_idx, self.num_layers, scaling, window, sums, self.generator)
+            idx = sel.select(inputs)
+            if sel.decode_time:
+                self.scores = sums if sums is not None else keys.new_zeros(keys.shape[:3])
+            if idx is not None:
+                gather = idx.unsqueeze(-1).expand(*idx.shape, keys.shape[-1])  # (B, H, K, D)
+                keys, values = keys.gather(2, gather), values.gather(2, gather)
+                if self.scores is not None:
+                    self.scores = self.scores.gather(2, idx)
+        self.store.append(keys, values)
+
+    def _evict_over_budget(self, scaling: float) -> None:
+        sel = self.stages.selector
+        assert sel is not None and self.scores is not None
+        keep = budget_tokens(sel.budget, self.tokens_seen)
+        if len(self.store) <= keep:
+            return
+        idx = protected_topk(self.scores, keep, sel.sinks, sel.recent)
+        self.store.keep(idx)
+        self.scores = self.scores.gather(2, idx)
+
+
+class KVCache(Cache):
+    """A transformers ``Cache`` that runs a kvtune pipeline in every layer."""
+
+    def __init__(self, pipeline: Pipeline | Stages, num_layers: int, *, record: bool = False,
+                 record_sums: bool = False, seed: int = 0) -> None:
+        stages = pipeline if isinstance(pipeline, Stages) else Stages.of(pipeline)
+        layers = [PipelineLayer(stages, i, num_layers, record=record, record_sums=record_sums, seed=seed)
+                  for i in range(num_layers)]
+        super().__init__(layers=layers)
+        self.stages = stages
+
+    def nbytes(self) -> int:
+        """Bytes held by every layer's store, measured from the stored tensors."""
+        return sum(layer.store.nbytes() for layer in self.layers)
+
+    def stored_tokens(self) -> list[int]:
+        return [len(layer.store) for layer in self.layers]
+
+    @classmethod
+    def from_record(cls, record: PrefillRecord, pipeline: Pipeline | Stages, *, seed: int = 0) -> "KVCache":
+        """Build the cache a pipeline would hold after this prompt, without running the model."""
+        cache = cls(pipeline, len(record.layers), seed=seed)
+        for layer, rec in zip(cache.layers, record.layers):
+            layer.lazy_initialization(rec.keys, rec.values)
+            layer.tokens_seen = rec.keys.shape[-2]
+            sel = cache.stages.selector
+            if sel is not None and "attention_sums" in sel.needs and rec.attention_sums is None:
+                raise ValueError(f"{sel.name} needs attention sums; prefill_record(..., attention_sums=True)")
+            layer.compress(rec.keys, rec.values, rec.window_queries, rec.attention_sums, rec.scaling)
+        return cache
+
+
+def attention_column_sums(query: torch.Tensor, keys: torch.Tensor, scaling: float, chunk: int = 256) -> torch.Tensor:
+    """Attention each key receives from every (causal) prompt query, summed over queries and the query heads
+    of its KV head. query (B, Hq, T, D), keys (B, H, T, D) -> (B, H, T). O(T^2) in chunks of queries."""
+    b, hq, t, d = query.shape
+    h = keys.shape[1]
+    g = hq // h
+    q = query.view(b, h, g, t, d)
+    total = keys.new_zeros(b, h, t, dtype=torch.float32)
+    pos_k = torch.arange(t, device=keys.device)
+    for start in range(0, t, chunk):
+        stop = min(t, start + chunk)
+        logits = torch.einsum("bhgqd,bhkd->bhgqk", q[:, :, :, start:stop].float(), keys.float()) * scaling
+        future = pos_k.view(1, t) > torch.arange(start, stop, device=keys.device).view(-1, 1)  # (q, T)
+        probs = logits.masked_fill(future, float("-inf")).softmax(dim=-1)
+        total += probs.sum(dim=(2, 3))
+    return total
+
+
+def _end_aligned_causal(tq: int, tk: int, device: torch.device) -> torch.Tensor:
+    """Bool mask (tq, tk): query i (the i-th of the last tq positions) sees keys up to tk - tq + i."""
+    return torch.ones(tq, tk, dtype=torch.bool, device=device).tril(diagonal=tk - tq)
+
+
+def kvtune_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                     **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Attention for transformers' ``AttentionInterface``: query (B, Hq, Tq, D), key/value (B, H, Tk, D)."""
+    claim = getattr(_slot, "claim", None)
+    layer = None
+    if claim is not None and claim[1] is key:
+        layer = claim[0]
+        _slot.claim = None
+    b, hq, tq, d = query.shape
+    h, tk = key.shape[1], key.shape[2]
+    scale = scaling if scaling is not None else d**-0.5
+    probs = None
+    if layer is not None and layer.wants_probs:
+        g = hq // h
+        logits = torch.einsum("bhgqd,bhkd->bhgqk", query.view(b, h, g, tq, d), key) * scale
+        if tq > 1:
+            logits = logits.masked_fill(~_end_aligned_causal(tq, tk, query.device), float("-inf"))
+        p = logits.softmax(dim=-1)  # (B, H, G, Tq, Tk)
+        out = torch.einsum("bhgqk,bhkd->bhgqd", p, value).reshape(b, hq, tq, d)
+        probs = p.sum(dim=(2, 3))  # (B, H, Tk)
+    else:
+        mask = None
+        if attention_mask is not None and attention_mask.shape[-1] == tk:
+            mask = attention_mask
+        elif tq > 1 and tq != tk:
+            mask = _end_aligned_causal(tq, tk, query.device)
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, is_causal=(mask is None and tq == tk and tq > 1),
+            scale=scale, enable_gqa=(hq != h),
+        )
+    if layer is not None:
+        layer.after_attention(query, scale, probs)
+    return out.transpose(1, 2).contiguous(), None
+
+
+_registered = False
+
+
+def register_attention() -> None:
+    """Make ``attn_implementation="kvtune"`` available to transformers (idempotent)."""
+    global _registered
+    if not _registered:
+        AttentionInterface.register(ATTENTION_NAME, kvtune_attention)
+        _registered = True
+
+
+def prefill_record(model: Any, input_ids: torch.Tensor, *, attention_sums: bool = False) -> PrefillRecord:
+    """Run ``input_ids`` (B, T) once with the full cache and keep what every later trial needs."""
+    identity = Stages(selector=None, codec=build("codec", "fp16", {}), placement=build("placement", "gpu", {}))  # type: ignore[arg-type]
+    cache = KVCache(identity, model.config.num_hidden_layers, record=True, record_sums=attention_sums)
+    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    layers = []
+    for layer in cache.layers:
+        if layer.recorded is None:
+            raise RuntimeError("the model did not call kvtune attention; load it with attn_implementation='kvtune'")
+        layers.append(layer.recorded)
+    return PrefillRecord(input_ids=input_ids, last_logits=out.logits[:, -1].float(), layers=layers)

@@ -1,0 +1,201 @@
+"""The contracts every strategy implements.
+
+Three axes, one base class each:
+
+``Selector`` (selection / eviction)
+    Implements only :meth:`Selector.score`, returning ``(batch, kv_heads, tokens)`` where higher means keep.
+    The shared :meth:`Selector.select` turns scores into kept indices: the first ``sinks`` tokens and the last
+    ``recent`` tokens are always kept, the rest of the budget goes to the top-scoring tokens in between. The
+    number kept per head is exactly ``budget_tokens(T)`` (or ``T`` when the budget covers everything), and the
+    indices come back sorted so that kept tokens stay in their original order.
+    A selector runs once at the end of prefill. One with ``decode_time = True`` also re-selects whenever the
+    cache grows past its budget during decoding (H2O, TOVA), from scores the runtime accumulates for it.
+
+``Codec`` (compression)
+    Creates per-layer :class:`Store` objects that hold what the codec produced. A store appends new tokens,
+    returns decoded keys/values for attention, drops tokens (``keep``), and reports ``nbytes()`` measured from
+    the tensors it really holds. ``Codec.analytic_nbytes`` is the formula those bytes must equal (tested).
+
+``Placement`` (hybrid memory) lives in :mod:`kvtune.strategies.placement`: it never changes numerics, only
+where bytes live and what moving them costs.
+
+Every strategy is a dataclass of its parameters with a class-level ``search_space(trial, scenario)`` that asks
+an Optuna trial for them. Parameters are validated in ``__post_init__`` with ``ValueError`` naming the field.
+Strategies hold no global state: the runtime passes everything they need in :class:`ScoreInputs`.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+
+Budget = float | int
+
+
+@dataclass
+class ScoreInputs:
+    """What a selector may look at for one layer. Shapes use B=batch, H=kv heads, Hq=query heads, T=tokens."""
+
+    keys: torch.Tensor  # (B, H, T, D) keys as attention sees them (post-RoPE, decoded)
+    values: torch.Tensor  # (B, H, T, D)
+    layer_idx: int
+    num_layers: int
+    scaling: float  # softmax scale of the model's attention
+    window_queries: torch.Tensor | None = None  # (B, Hq, W, D): the last W prompt queries (post-RoPE)
+    attention_sums: torch.Tensor | None = None  # (B, H, T): attention each token received, summed over queries
+    generator: torch.Generator | None = None  # seeded, for randomized selectors
+
+
+def check_budget(budget: Budget) -> None:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ValueError(f"budget must be a ratio in (0, 1] or a token count >= 1, got {budget!r}")
+    if isinstance(budget, float) and not (0.0 < budget <= 1.0):
+        raise ValueError(f"budget ratio must be in (0, 1], got {budget}")
+    if isinstance(budget, int) and budget < 1:
+        raise ValueError(f"budget token count must be >= 1, got {budget}")
+
+
+def budget_tokens(budget: Budget, tokens: int) -> int:
+    """Tokens to keep out of ``tokens``: ``ceil(ratio * T)`` for a float ratio, ``min(count, T)`` for an int."""
+    if isinstance(budget, float):
+        return min(tokens, max(1, math.ceil(budget * tokens)))
+    return min(tokens, int(budget))
+
+
+class Strategy(ABC):
+    """Shared behaviour: a name, a category, a citation, parameters as dataclass fields."""
+
+    name: ClassVar[str]
+    category: ClassVar[str]
+    citation: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+
+    def params(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def param_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]  # type: ignore[arg-type]
+
+    @classmethod
+    def search_space_doc(cls) -> str:
+        """One line describing what :meth:`search_space` explores (for ``kvtune strategies``)."""
+        return ""
+
+    @classmethod
+    @abstractmethod
+    def search_space(cls, trial: Any, scenario: Any) -> dict[str, Any]:
+        """Ask ``trial`` (an ``optuna.Trial``) for this strategy's parameters; return them as a dict."""
+
+
+@dataclass
+class Selector(Strategy):
+    """Base of the selection axis. Subclasses implement :meth:`score` only."""
+
+    category: ClassVar[str] = "selection"
+    needs: ClassVar[frozenset[str]] = frozenset()  # "window_queries" and/or "attention_sums"
+    decode_time: ClassVar[bool] = False
+    drops_tokens: ClassVar[bool] = True
+
+    budget: Budget = 0.5
+    sinks: int = 4
+    recent: int = 32
+
+    def __post_init__(self) -> None:
+        check_budget(self.budget)
+        if self.sinks < 0:
+            raise ValueError(f"sinks must be >= 0, got {self.sinks}")
+        if self.recent < 0:
+            raise ValueError(f"recent must be >= 0, got {self.recent}")
+
+    @abstractmethod
+    def score(self, inputs: ScoreInputs) -> torch.Tensor:
+        """Return ``(B, H, T)`` scores, higher = keep. Sinks and the recent window are handled by the base."""
+
+    def select(self, inputs: ScoreInputs, tokens_seen: int | None = None) -> torch.Tensor | None:
+        """Indices to keep, ``(B, H, K)`` sorted ascending; ``None`` when everything fits in the budget.
+
+        ``tokens_seen`` is the context length the budget ratio applies to (defaults to the tokens present).
+        """
+        b, h, t, _ = inputs.keys.shape
+        keep = budget_tokens(self.budget, tokens_seen if tokens_seen is not None else t)
+        if keep >= t:
+            return None
+        return protected_topk(self.score(inputs), keep, self.sinks, self.recent)
+
+
+def protected_topk(scores: torch.Tensor, keep: int, sinks: int, recent: int) -> torch.Tensor:
+    """Keep exactly ``keep`` tokens per head: sinks first, then the recent window, then the top scores.
+
+    When ``sinks + recent`` exceed ``keep`` the recent window shrinks first, then the sinks.
+    scores: (B, H, T) -> indices (B, H, keep), sorted ascending.
+    """
+    b, h, t = scores.shape
+    if keep >= t:
+        return torch.arange(t, device=scores.device).expand(b, h, t).clone()
+    n_sink = min(sinks, keep)
+    n_recent = min(recent, keep - n_sink)
+    n_mid = keep - n_sink - n_recent
+    parts = []
+    if n_sink:
+        parts.append(torch.arange(n_sink, device=scores.device).expand(b, h, n_sink))
+    if n_mid:
+        middle = scores[:, :, n_sink : t - n_recent]  # (B, H, T - sinks - recent)
+        top = middle.topk(n_mid, dim=-1, sorted=False).indices + n_sink
+        parts.append(top)
+    if n_recent:
+        parts.append(torch.arange(t - n_recent, t, device=scores.device).expand(b, h, n_recent))
+    idx = torch.cat(parts, dim=-1)
+    return idx.sort(dim=-1).values
+
+
+class Store(ABC):
+    """One layer's stored KV in a codec's form. Keeps explicit counters; never infers state from contents."""
+
+    @abstractmethod
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Add tokens: keys/values (B, H, T, D) in full precision."""
+
+    @abstractmethod
+    def decoded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All held tokens, decoded to the input dtype: ((B, H, N, D), (B, H, N, D))."""
+
+    @abstractmethod
+    def keep(self, idx: torch.Tensor) -> None:
+        """Drop every token not in ``idx`` (B, H, K), sorted ascending; the store really shrinks."""
+
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes of every tensor this store holds (codes, scales, residual), measured, not computed."""
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Tokens held per head."""
+
+
+@dataclass
+class Codec(Strategy):
+    """Base of the codec axis."""
+
+    category: ClassVar[str] = "codec"
+    lossless: ClassVar[bool] = False
+
+    @abstractmethod
+    def new_store(self) -> Store:
+        """An empty per-layer store."""
+
+    @abstractmethod
+    def analytic_nbytes(self, batch: int, heads: int, tokens: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Bytes one layer's store holds after one append of ``tokens`` tokens (K and V together)."""
+
+    def bytes_per_token(self, heads: int, head_dim: int, dtype: torch.dtype, tokens: int = 4096) -> float:
+        """Per-layer K+V bytes per token at a long context (amortizes per-block scales and residuals)."""
+        return self.analytic_nbytes(1, heads, tokens, head_dim, dtype) / tokens
+
+
+def tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
