@@ -185,6 +185,10 @@ def _check_token_index(idx, shape, device, where: str) -> torch.Tensor:
     return idx
 
 
+def _pow2(n: int, lo: int = 1) -> int:
+    return max(lo, 1 << (int(n) - 1).bit_length())
+
+
 def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``x (B, H, T, W)`` gathered along T with ``idx (B, H, K)`` -> ``(B, H, K, W)``."""
     return x.gather(2, idx[..., None].expand(*idx.shape, x.shape[3]))
@@ -220,8 +224,6 @@ def quantize_int(
     if (d * bits) % 8:
         raise ValueError(f"{where}: D * bits must be a multiple of 8 to pack into bytes, got D={d}, bits={bits}")
     if resolve(backend) is Backend.TRITON and x.numel():
-        from ._launch import quantize_int_triton
-
         packed, scale, zero = quantize_int_triton(x, bits, group_size, axis)
     else:
         packed, scale, zero = _ref.quantize_int_ref(x, bits, group_size, axis)
@@ -233,8 +235,6 @@ def dequantize_int(qt: QuantizedTensor, backend: str | Backend | None = None) ->
     if not isinstance(qt, QuantizedTensor):
         raise ValueError(f"dequantize_int: expected a QuantizedTensor, got {type(qt).__name__}")
     if resolve(backend) is Backend.TRITON and qt.packed.numel():
-        from ._launch import dequantize_int_triton
-
         return dequantize_int_triton(qt)
     return _ref.dequantize_int_ref(qt.packed, qt.scale, qt.zero, qt.bits, qt.group_size, qt.axis, qt.dtype)
 
@@ -252,8 +252,6 @@ def quantize_fp8(
     if scale_axis not in FP8_SCALE_AXES:
         raise ValueError(f"{where}: scale_axis must be 'head' or 'token', got {scale_axis!r}")
     if resolve(backend) is Backend.TRITON and x.numel():
-        from ._launch import quantize_fp8_triton
-
         data, scale = quantize_fp8_triton(x, fmt, scale_axis)
     else:
         data, scale = _ref.quantize_fp8_ref(x, fmt, scale_axis)
@@ -265,8 +263,6 @@ def dequantize_fp8(f8: Fp8Tensor, backend: str | Backend | None = None) -> torch
     if not isinstance(f8, Fp8Tensor):
         raise ValueError(f"dequantize_fp8: expected an Fp8Tensor, got {type(f8).__name__}")
     if resolve(backend) is Backend.TRITON and f8.data.numel():
-        from ._launch import dequantize_fp8_triton
-
         return dequantize_fp8_triton(f8)
     return _ref.dequantize_fp8_ref(f8.data, f8.scale, f8.dtype)
 
@@ -325,3 +321,78 @@ def concat_tokens(parts):
             first, data=data, scale=torch.cat(scales, dim=2).contiguous(), scale_axis="token", shape=(b, h, t, d)
         )
     raise ValueError(f"{where}: parts must be QuantizedTensor or Fp8Tensor, got {type(first).__name__}")
+
+
+# ------------------------------------------------------------------------------------------- launchers
+# Imported lazily: ``kvtune.kernels.quant`` works without triton installed.
+_BLOCK_T = 32
+
+
+def quantize_int_triton(x, bits, group_size, axis):
+    from . import triton as tk
+
+    x = x.contiguous()
+    b, h, t, d = x.shape
+    packed = torch.empty((b, h, t, d * bits // 8), device=x.device, dtype=torch.uint8)
+    block_d = _pow2(d, 16 if axis == "token" else max(group_size, 16))
+    if axis == "token":
+        scale = torch.empty((b, h, t // group_size, d), device=x.device, dtype=x.dtype)
+        zero = torch.empty_like(scale)
+        if t:
+            tk.quantize_int_token_kernel[(b * h, t // group_size)](
+                x, packed, scale, zero, t, d, G=group_size, BLOCK_D=block_d, BITS=bits
+            )
+    else:
+        scale = torch.empty((b, h, t, d // group_size), device=x.device, dtype=x.dtype)
+        zero = torch.empty_like(scale)
+        tk.quantize_int_channel_kernel[(b * h, -(-t // _BLOCK_T))](
+            x, packed, scale, zero, t, d, G=group_size, BLOCK_T=_BLOCK_T, BLOCK_D=block_d, BITS=bits
+        )
+    return packed, scale, zero
+
+
+def dequantize_int_triton(qt):
+    from . import triton as tk
+
+    b, h, t, d = qt.shape
+    out = torch.empty(qt.shape, device=qt.device, dtype=qt.dtype)
+    tk.dequantize_int_kernel[(b * h, -(-t // _BLOCK_T))](
+        qt.packed.contiguous(), qt.scale.contiguous(), qt.zero.contiguous(), out, t, d,
+        G=qt.group_size, TOKEN_AXIS=qt.axis == "token", BLOCK_T=_BLOCK_T, BLOCK_D=_pow2(d, 16), BITS=qt.bits,
+    )
+    return out
+
+
+def quantize_fp8_triton(x, fmt, scale_axis):
+    from . import triton as tk
+
+    x = x.contiguous()
+    b, h, t, d = x.shape
+    fmax = _ref.FP8_MAX[fmt]
+    data = torch.empty(x.shape, device=x.device, dtype=_ref.FP8_DTYPES[fmt])
+    nt = -(-t // _BLOCK_T)
+    block_d = _pow2(d, 16)
+    if scale_axis == "token":
+        scale = torch.empty((b, h, t), device=x.device, dtype=torch.float32)
+    else:
+        part = torch.empty((b * h, nt), device=x.device, dtype=torch.float32)
+        tk.amax_partial_kernel[(b * h, nt)](x, part, t, d, nt, BLOCK_T=_BLOCK_T, BLOCK_D=block_d)
+        scale = part.amax(dim=1).reshape(b, h) / fmax  # (B, H): a few numbers, reduced here
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    tk.quantize_fp8_kernel[(b * h, nt)](
+        x, data, scale, t, d, fmax, PER_TOKEN=scale_axis == "token", BLOCK_T=_BLOCK_T, BLOCK_D=block_d,
+        MANT_BITS=3 if fmt == "e4m3" else 2, MIN_EXP=-6 if fmt == "e4m3" else -14,
+    )
+    return data, scale
+
+
+def dequantize_fp8_triton(f8):
+    from . import triton as tk
+
+    b, h, t, d = f8.shape
+    out = torch.empty(f8.shape, device=f8.device, dtype=f8.dtype)
+    tk.dequantize_fp8_kernel[(b * h, -(-t // _BLOCK_T))](
+        f8.data.contiguous(), f8.scale.contiguous(), out, t, d,
+        PER_TOKEN=f8.scale_axis == "token", BLOCK_T=_BLOCK_T, BLOCK_D=_pow2(d, 16),
+    )
+    return out
