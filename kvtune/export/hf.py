@@ -35,9 +35,10 @@ OPTIONS = None
 CONFIG_FILENAME = "hf_generation_config.json"
 SNIPPET_FILENAME = "hf_kvtune.py"
 
-# The kvtune runtime entry point the snippet calls: builds kvtune's transformers ``Cache`` for a pipeline.
-RUNTIME_IMPORT = "from kvtune.runtime import build_cache"
-RUNTIME_CALL = "build_cache(PIPELINE, model)"
+# kvtune's runtime (kvtune/runtime.py): a transformers ``Cache`` running the pipeline per layer, plus the
+# attention function selectors need, registered with transformers' AttentionInterface as "kvtune".
+RUNTIME_IMPORT = "from kvtune.runtime import KVCache, register_attention"
+RUNTIME_CALL = "KVCache(PIPELINE, model.config.get_text_config().num_hidden_layers)"
 
 
 def cache_settings(p: Pipeline, notes: c.Notes, *, runner: str = f"{SNIPPET_FILENAME}'s kvtune cache"
@@ -163,8 +164,10 @@ PIPELINE = Pipeline.from_dict({_py_literal(stages)})
 
 
 def main() -> None:
+    register_attention()  # makes attn_implementation="kvtune" available; plain SDPA for any other cache
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
-    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype="auto")
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype="auto", attn_implementation="kvtune")
+    # one unpadded prompt: kvtune's attention builds the causal mask itself
     inputs = tokenizer("Summarize the history of the printing press.", return_tensors="pt").to(model.device)
 
     # 1. transformers alone: the settings it can express (eviction left out, see above)

@@ -142,3 +142,36 @@ def test_kvpress_snippet_uses_recorded_presses(case: str) -> None:
         if getattr(call.func, "id", None) == "pipeline":
             assert ast.literal_eval(call.args[0]) == options["pipeline_task"]
     assert problems == []
+
+
+# -- the hf snippet's kvtune path runs against kvtune's runtime -------------------------------------------------
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_hf_snippet_runs_with_kvtune_runtime(case: str) -> None:
+    """Execute hf_kvtune.py's definitions and drive its cache through generate() on a tiny random Llama."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvtune.errors import UserError
+
+    from kvtune.export import hf
+
+    text = _files("hf", case)["hf_kvtune.py"]
+    assert f"cache = {hf.RUNTIME_CALL}" in text
+    namespace: dict = {"__name__": "hf_kvtune"}
+    exec(compile(text, "hf_kvtune.py", "exec"), namespace)
+    namespace["register_attention"]()
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                         intermediate_size=64, vocab_size=128, head_dim=16)
+    model = LlamaForCausalLM(config).eval()
+    model.set_attn_implementation("kvtune")
+    try:
+        cache = eval(hf.RUNTIME_CALL, namespace, {"model": model})  # the snippet's own expression
+    except UserError as exc:
+        pytest.skip(f"kvtune's runtime cannot build this pipeline yet: {exc}")
+    ids = torch.randint(0, 128, (1, 40))
+    out = model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 43)
+    assert cache.get_seq_length() == 42

@@ -13,7 +13,7 @@ Notes:
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from kvtune.pipeline import Pipeline
-from kvtune.runtime import build_cache
+from kvtune.runtime import KVCache, register_attention
 
 MODEL = "<model id or local path>"
 PIPELINE = Pipeline.from_dict({
@@ -34,8 +34,10 @@ PIPELINE = Pipeline.from_dict({
 
 
 def main() -> None:
+    register_attention()  # makes attn_implementation="kvtune" available; plain SDPA for any other cache
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
-    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype="auto")
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype="auto", attn_implementation="kvtune")
+    # one unpadded prompt: kvtune's attention builds the causal mask itself
     inputs = tokenizer("Summarize the history of the printing press.", return_tensors="pt").to(model.device)
 
     # 1. transformers alone: the settings it can express (eviction left out, see above)
@@ -43,7 +45,7 @@ def main() -> None:
     plain = model.generate(**inputs, generation_config=generation_config, max_new_tokens=64)
 
     # 2. the whole pipeline, eviction included, through kvtune's cache
-    cache = build_cache(PIPELINE, model)
+    cache = KVCache(PIPELINE, model.config.get_text_config().num_hidden_layers)
     full = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
 
     print(tokenizer.decode(plain[0], skip_special_tokens=True))
