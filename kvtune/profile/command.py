@@ -68,7 +68,7 @@ def profile(
     offload_dir: Annotated[Optional[Path], typer.Option(
         "--offload-dir", help="Folder an offload tier would use; its disk is measured. Default: the temp dir.")] = None,
     memory_fraction: Annotated[float, typer.Option(
-        "--memory-fraction", min=0.05, max=1.0, help="Share of GPU memory the server may use.")] = 0.9,
+        "--memory-fraction", help="Share of GPU memory the server may use, in (0, 1].")] = 0.9,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write length histograms to this PNG.")] = None,
     output: Annotated[Optional[Path], typer.Option(
         "--output", "-o", help=f"Profile YAML to write (default {DEFAULT_OUTPUT}).")] = None,
@@ -102,6 +102,8 @@ def profile(
     for p in trace or []:
         if not p.exists():
             raise UserError(f"{p}: no such trace file (--trace)")
+    if not 0 < memory_fraction <= 1:
+        raise UserError(f"--memory-fraction {memory_fraction}: expected a value in (0, 1]")
     if offload_dir is not None and not offload_dir.is_dir():
         raise UserError(f"{offload_dir}: no such folder (--offload-dir)")
     spec = None
@@ -109,16 +111,9 @@ def profile(
         from kvtune.modelspec import resolve_model
 
         spec = resolve_model(model)  # unknown names fail here, before probing
+    ref = reference_hardware(hardware) if hardware else None
 
     t0 = time.perf_counter()
-    if hardware:
-        hw = reference_hardware(hardware)
-        err.print(f"hardware: reference profile {hw.name} (datasheet)")
-    else:
-        err.print("profiling this machine" + (" (quick)" if quick else "") + " ...")
-        hw = probe_hardware(quick=quick, offload_dir=str(offload_dir) if offload_dir else None,
-                            progress=lambda msg: err.print(f"  {msg}"))
-
     workload = None
     if trace:
         from kvtune.profile.workload import read_trace
@@ -131,6 +126,14 @@ def profile(
             first = workload.malformed_examples[0]
             err.print(f"warning: {workload.malformed_rows:,} malformed rows skipped (first: {first.file}:{first.line}: "
                       f"{first.reason}); --strict fails on them")
+
+    if ref is not None:
+        hw = ref
+        err.print(f"hardware: reference profile {hw.name} (datasheet)")
+    else:
+        err.print("profiling this machine" + (" (quick)" if quick else "") + " ...")
+        hw = probe_hardware(quick=quick, offload_dir=str(offload_dir) if offload_dir else None,
+                            progress=lambda msg: err.print(f"  {msg}"))
 
     record = capacity = None
     if spec is not None:

@@ -591,14 +591,14 @@ def _detect(path: Path, columns: dict[str, str] | None) -> tuple[str, str]:
         if "request tokens" in header and "response tokens" in header:
             return "burstgpt", container
         raise UserError(f"{path}: cannot tell the trace format from its header ({', '.join(header[:8])}); "
-                        "pass --format or --columns input=COL,output=COL")
+                        "pass --trace-format or --columns input=COL,output=COL")
     if columns:
         return "generic", container
     found = _detect_json_record(first)
     if found is None:
         keys = ", ".join(list(first)[:8]) if isinstance(first, dict) else "no JSON object found"
         raise UserError(f"{path}: cannot tell the trace format from its first record ({keys}); "
-                        "pass --format or --columns input=KEY,output=KEY")
+                        "pass --trace-format or --columns input=KEY,output=KEY")
     return found, container
 
 
