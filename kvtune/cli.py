@@ -8,38 +8,44 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
 from typer.core import TyperGroup
 
 from kvtune.errors import UserError
 
+try:  # typer >= 0.26 carries its own copy of click
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+    from typer.exceptions import Abort, Exit
+except ImportError:  # pragma: no cover - older typer on top of click
+    from click.exceptions import Abort, Exit, NoArgsIsHelpError, UsageError
+
 
 class _Group(TyperGroup):
-    """Click group whose errors are one line and exit code 2 (no usage block, no traceback)."""
+    """Command group whose errors are one line and exit code 2 (no usage block, no traceback)."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: D401
         try:
             rv = super().main(args=args, prog_name=prog_name or "kvtune", complete_var=complete_var,
                               standalone_mode=False, **extra)
-        except click.exceptions.NoArgsIsHelpError as exc:  # pragma: no cover - depends on click version
-            click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
+        except NoArgsIsHelpError as exc:
+            typer.echo(exc.format_message())
             sys.exit(0)
-        except click.UsageError as exc:
-            hint = f" (try 'kvtune {exc.ctx.info_name if exc.ctx and exc.ctx.parent else ''} --help')".replace("  ", " ")
-            click.echo(f"kvtune: error: {exc.format_message()}{hint}", err=True)
+        except UsageError as exc:
+            ctx = getattr(exc, "ctx", None)
+            where = f"kvtune {ctx.info_name}" if ctx is not None and ctx.parent is not None else "kvtune"
+            typer.echo(f"kvtune: error: {exc.format_message()} (see '{where} --help')", err=True)
             sys.exit(2)
         except UserError as exc:
-            click.echo(f"kvtune: error: {exc}", err=True)
+            typer.echo(f"kvtune: error: {exc}", err=True)
             sys.exit(exc.exit_code)
-        except click.exceptions.Abort:
-            click.echo("kvtune: aborted", err=True)
+        except Exit as exc:
+            sys.exit(exc.exit_code)
+        except Abort:
+            typer.echo("kvtune: aborted", err=True)
             sys.exit(130)
         except KeyboardInterrupt:
-            click.echo("kvtune: interrupted", err=True)
+            typer.echo("kvtune: interrupted", err=True)
             sys.exit(130)
-        if isinstance(rv, int) and not standalone_mode:
-            return rv
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
@@ -65,6 +71,10 @@ def _register() -> None:
     app.command("scenarios")(_listing.scenarios)
     app.command("strategies")(_listing.strategies)
     # -- other commands register below (one import + one app.command line each) --
+    from kvtune.profile.command import profile as _profile
+    app.command("profile")(_profile)
+    from kvtune.commands import export as _export
+    app.command("export")(_export.export)
 
 
 _register()

@@ -81,6 +81,21 @@ def resolve_model(model: str | None) -> tuple[str, dict[str, Any]]:
     raise UserError(f"--model {model}: no such file, folder or cached hub id")
 
 
+def cache_dir() -> Path:
+    """Where converted GGUF models are kept (``KVTUNE_CACHE_DIR``, else ``~/.cache/kvtune``)."""
+    root = os.environ.get("KVTUNE_CACHE_DIR")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "kvtune"
+
+
+def _converted_path(gguf: Path) -> Path:
+    """Cache folder for one GGUF file, keyed by its path, size and modification time."""
+    import hashlib
+
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+
+
 def load_model(model: str | None = None, *, trust_remote_code: bool = False, dtype: str = "float16") -> LoadedModel:
     """Load model + tokenizer on CPU in float32 with kvtune's attention function installed.
 
@@ -97,7 +112,15 @@ def load_model(model: str | None = None, *, trust_remote_code: bool = False, dty
     register_attention()
     started = time.perf_counter()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     logging.getLogger("gguf").setLevel(logging.ERROR)
+    # Reading a GGUF file is slow (transformers parses it three times: config, tokenizer, weights), so the
+    # first load converts it once into a float32 safetensors folder in the cache and later loads read that.
+    converted = _converted_path(Path(source)) if "gguf_file" in kwargs else None
+    if converted is not None and (converted / "config.json").is_file():
+        kwargs = {"pretrained_model_name_or_path": str(converted)}
+    quiet = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # transformers' GGUF reader draws its own progress bar
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -109,6 +132,13 @@ def load_model(model: str | None = None, *, trust_remote_code: bool = False, dty
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"--model {model or DEFAULT_MODEL}: cannot load ({first})") from None
+        finally:
+            if quiet is None:
+                os.environ.pop("TQDM_DISABLE", None)
+            else:
+                os.environ["TQDM_DISABLE"] = quiet
+        if converted is not None and "gguf_file" in kwargs:
+            _save_converted(net, tokenizer, converted)
     net.eval()
     torch.set_grad_enabled(False)
     name = Path(kwargs.get("gguf_file", "")).stem or Path(source).name or source
@@ -120,6 +150,26 @@ def load_model(model: str | None = None, *, trust_remote_code: bool = False, dty
         model=net, tokenizer=tokenizer, spec=spec, name=name, source=source,
         weights_bytes=int(weights), load_seconds=time.perf_counter() - started,
     )
+
+
+def _save_converted(net: Any, tokenizer: Any, folder: Path) -> None:
+    """Write the converted model atomically (a temporary folder renamed into place); failures are harmless."""
+    import shutil
+    import tempfile
+
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        from safetensors.torch import save_model
+
+        config = net.config.to_dict()
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(__import__("json").dumps(config, indent=1, default=str))
+        save_model(net, str(tmp / "model.safetensors"))  # handles the tied embedding / lm_head weights
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, folder)
+    except (OSError, ValueError, RuntimeError):
+        shutil.rmtree(locals().get("tmp", folder.parent / ".none"), ignore_errors=True)
 
 
 def torch_threads() -> int:

@@ -1,0 +1,140 @@
+"""What ``recommend`` and ``evaluate`` share: loading the model, the hardware and workload, the evaluation set."""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+
+from kvtune.cost import CostSetup
+from kvtune.errors import UserError
+from kvtune.io import dump_yaml
+from kvtune.models import LoadedModel, load_model
+from kvtune.modelspec import ModelSpec
+from kvtune.pipeline import HardwareInfo, ModelInfo, WorkloadInfo
+from kvtune.quality import EvalConfig, EvalSet, build_eval_set
+
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class OutputFormat(str, enum.Enum):
+    table = "table"
+    json = "json"
+    yaml = "yaml"
+
+
+def emit(data: Any, fmt: OutputFormat) -> None:
+    """Machine-readable output on stdout."""
+    if fmt is OutputFormat.json:
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    else:
+        sys.stdout.write(dump_yaml(data))
+
+
+@dataclass
+class Prepared:
+    loaded: LoadedModel
+    target: ModelSpec
+    hardware: Any  # kvtune.profile.schema.HardwareProfile
+    workload: Any  # kvtune.profile.schema.WorkloadProfile | None
+    eval_config: EvalConfig
+    evalset: EvalSet
+    cost: CostSetup
+    offload_possible: bool
+
+    def model_info(self) -> ModelInfo:
+        t = self.target
+        return ModelInfo(name=t.name, source=self.loaded.source if t is self.loaded.spec else f"preset:{t.name}",
+                         layers=t.layers, kv_heads=t.kv_heads, q_heads=t.q_heads, head_dim=t.head_dim, dtype=t.dtype)
+
+    def hardware_info(self) -> HardwareInfo:
+        h = self.hardware
+        mem = h.gpu_memory_total_bytes if h.accelerator else h.cpu_ram_total_bytes
+        return HardwareInfo(name=h.name, source=h.source, accelerator=h.accelerator, memory_bytes=mem)
+
+    def workload_info(self) -> WorkloadInfo | None:
+        w = self.workload
+        if w is None:
+            return None
+        return WorkloadInfo(name=w.name, source=w.source, context_p50=int(w.total_tokens.p50),
+                            context_p90=int(w.total_tokens.p90), context_p99=int(w.total_tokens.p99),
+                            prefix_reuse=w.prefix_reuse_ratio)
+
+
+def load_hardware(profile: str | None, hardware: str | None) -> tuple[Any, Any]:
+    """(HardwareProfile, WorkloadProfile | None) from --profile / --hardware / this machine."""
+    from kvtune.profile.hardware import probe_hardware, reference_hardware
+
+    if profile and hardware:
+        raise UserError("--profile and --hardware both given; use one (a profile already names its hardware)")
+    if profile:
+        from kvtune.profile.schema import load_profile
+
+        prof = load_profile(profile)
+        return prof.hardware, prof.workload
+    if hardware:
+        return reference_hardware(hardware), None
+    return probe_hardware(quick=True), None
+
+
+def prepare(*, model: str | None, trust_remote_code: bool, profile: str | None, hardware: str | None,
+            target: str | None, context: int | None, quick: bool, attention_sums: bool, seed: int) -> Prepared:
+    from kvtune.profile.workload import default_workload
+
+    hw, workload = load_hardware(profile, hardware)
+    if workload is None:
+        workload = default_workload()
+    with stderr.status("loading model ..."):
+        loaded = load_model(model, trust_remote_code=trust_remote_code)
+    stderr.print(f"model {loaded.name} ({loaded.spec.layers} layers, {loaded.spec.kv_heads} KV heads, head dim "
+                 f"{loaded.spec.head_dim}) loaded in {loaded.load_seconds:.1f} s")
+    spec = loaded.spec
+    weights = loaded.weights_bytes
+    if target:
+        from kvtune.modelspec import preset
+
+        try:
+            spec = preset(target)
+        except UserError:
+            raise
+        except (KeyError, ValueError) as exc:
+            raise UserError(f"--target {target}: {exc}") from None
+        weights = spec.weights_bytes() or 0
+    ctx = context or int(workload.total_tokens.p50)
+    if ctx < 1:
+        raise UserError(f"--context {ctx}: must be >= 1 token")
+    budget = hw.kv_memory_budget(weights)
+    link = hw.host_link_gbps() if hw.accelerator else None
+    link_source = "measured" if hw.source == "measured" else ("datasheet" if hw.source == "datasheet" else "none")
+    notes = []
+    if not hw.accelerator:
+        notes.append(f"no accelerator in hardware '{hw.name}': the memory budget is host RAM")
+    cost = CostSetup(spec=spec, context_tokens=ctx, memory_budget_bytes=budget, link_gbps=link,
+                     link_source=link_source, notes=notes)
+    cfg = EvalConfig.quick() if quick else EvalConfig()
+    cfg.seed = seed
+    started = time.perf_counter()
+    with stderr.status("prefill once ...") as status:
+        evalset = build_eval_set(loaded.model, loaded.tokenizer, cfg, attention_sums=attention_sums,
+                                 progress=lambda msg: status.update(msg))
+    stderr.print(f"evaluation set: {len(evalset.text)} text prompts, {len(evalset.probes)} probes, prefilled once "
+                 f"in {time.perf_counter() - started:.1f} s")
+    passing = sum(p.full_correct for p in evalset.probes)
+    if evalset.probes:
+        stderr.print(f"full cache answers {passing}/{len(evalset.probes)} probe items; only those count")
+    return Prepared(loaded=loaded, target=spec, hardware=hw, workload=workload, eval_config=cfg, evalset=evalset,
+                    cost=cost, offload_possible=bool(hw.accelerator))
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def fmt_opt(x: float | None, spec: str = ".2f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)

@@ -1,0 +1,61 @@
+"""``kvtune evaluate``: measure one given pipeline the way ``recommend`` measures its trials."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from kvtune import __version__
+from kvtune.commands.common import OutputFormat, emit, prepare, stderr
+from kvtune.errors import UserError
+from kvtune.io import atomic_write_text, check_writable
+from kvtune.pipeline import Provenance, load_pipeline, utc_now
+from kvtune.report import print_measured
+
+
+def evaluate(
+    pipeline: Annotated[Path, typer.Argument(help="pipeline YAML (from `kvtune recommend` or written by hand)")],
+    profile: Annotated[Optional[str], typer.Option(help="profile YAML from `kvtune profile`")] = None,
+    hardware: Annotated[Optional[str], typer.Option(help="reference hardware, e.g. h100-sxm")] = None,
+    model: Annotated[Optional[str], typer.Option(help="GGUF file, HF model folder or cached hub id")] = None,
+    target: Annotated[Optional[str], typer.Option(help="model preset whose shapes cost is measured at")] = None,
+    context: Annotated[Optional[int], typer.Option(min=1, help="context length for cost (default: workload p50)")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the evaluation data")] = 0,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="write the pipeline with its new measurements here")] = None,
+    force: Annotated[bool, typer.Option(help="overwrite --output if it exists")] = False,
+    quick: Annotated[bool, typer.Option(help="tiny evaluation set (seconds)")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="allow the model's own Python code to run")] = False,
+    format: Annotated[OutputFormat, typer.Option("--format", "-f", help="stdout: table, json or yaml")] = OutputFormat.table,
+) -> None:
+    """Measure one pipeline (quality against the full cache, bytes, decode latency, capacity)."""
+    from kvtune.runtime import Stages
+    from kvtune.search import SearchContext, measure
+    from kvtune.scenarios import get_scenario
+
+    given = load_pipeline(pipeline)
+    Stages.of(given)  # reject unknown methods/parameters before loading anything
+    if output is not None:
+        check_writable(output, overwrite=force)
+        if output.resolve() == pipeline.resolve() and not force:
+            raise UserError(f"-o {output}: is the input pipeline; pass --force to replace it with the measured copy")
+    needs_sums = given.selection.method == "h2o"
+    prep = prepare(model=model, trust_remote_code=trust_remote_code, profile=profile, hardware=hardware,
+                   target=target, context=context, quick=quick, attention_sums=needs_sums, seed=seed)
+    ctx = SearchContext(model=prep.loaded.model, evalset=prep.evalset, eval_config=prep.eval_config,
+                        cost=prep.cost, scenario=get_scenario("multi-turn"), seed=seed)
+    with stderr.status(f"measuring {given.label()} ..."):
+        result = measure(ctx, given.model_copy(update={"measured": None}))
+    prov = (given.provenance or Provenance(kvtune_version=__version__, created=utc_now()))
+    result = result.model_copy(update={"provenance": prov.model_copy(update={
+        "kvtune_version": __version__, "created": utc_now(), "model": prep.model_info(),
+        "hardware": prep.hardware_info(), "workload": prep.workload_info(), "seed": seed})})
+    if format is OutputFormat.table:
+        print_measured(Console(width=200), result)
+    else:
+        emit(result.to_dict(), format)
+    if output is not None:
+        atomic_write_text(output, result.to_yaml(), overwrite=force)
+        stderr.print(f"wrote {output}")

@@ -1,0 +1,141 @@
+"""``kvtune recommend``: search composed pipelines for a scenario and write the recommended one."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from kvtune import __version__
+from kvtune.commands.common import OutputFormat, emit, prepare, stderr
+from kvtune.errors import UserError
+from kvtune.io import atomic_write_text, check_writable
+from kvtune.pipeline import Pipeline, Provenance, utc_now
+from kvtune.report import front_table, print_measured
+from kvtune.scenarios import SCENARIOS, get_scenario
+
+DEFAULT_OUTPUT = "kvtune-pipeline.yaml"
+DEFAULT_STORAGE = "sqlite:///kvtune-study.db"
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-._" else "-" for ch in text.lower()).strip("-")
+
+
+def guard_output(path: Path, force: bool) -> Path | None:
+    """Refuse to clobber a file that kvtune did not write; a kvtune pipeline is kept as ``.bak``.
+
+    Returns the backup path to move the old file to (after the search succeeds), or None.
+    """
+    check_writable(path)
+    if not path.exists() or force:
+        return None
+    try:
+        from kvtune.pipeline import load_pipeline
+
+        old = load_pipeline(path)
+    except UserError:
+        old = None
+    if old is None or old.provenance is None:
+        raise UserError(f"-o {path}: exists and is not a pipeline kvtune wrote; pass --force to overwrite it")
+    return path.with_name(path.name + ".bak")
+
+
+def recommend(
+    scenario: Annotated[str, typer.Option("--scenario", "-s", help=f"one of: {', '.join(SCENARIOS)}")] = "multi-turn",
+    profile: Annotated[Optional[str], typer.Option(help="profile YAML from `kvtune profile` (hardware + workload)")] = None,
+    hardware: Annotated[Optional[str], typer.Option(help="reference hardware instead of this machine, e.g. h100-sxm")] = None,
+    model: Annotated[Optional[str], typer.Option(help="GGUF file, HF model folder or cached hub id (default: bundled SmolLM2-135M-Instruct)")] = None,
+    target: Annotated[Optional[str], typer.Option(help="model preset whose shapes cost is measured at (default: --model's)")] = None,
+    trials: Annotated[int, typer.Option(min=1, help="new trials to run")] = 24,
+    storage: Annotated[str, typer.Option(help="Optuna storage URL (SQLite file, PostgreSQL, journal)")] = DEFAULT_STORAGE,
+    study_name: Annotated[Optional[str], typer.Option(help="study to create or resume (default: from model, hardware, workload, scenario)")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the sampler and the evaluation data")] = 0,
+    context: Annotated[Optional[int], typer.Option(min=1, help="context length cost is measured at (default: workload p50)")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="where to write the recommended pipeline")] = Path(DEFAULT_OUTPUT),
+    force: Annotated[bool, typer.Option(help="overwrite --output even if kvtune did not write it")] = False,
+    export: Annotated[Optional[str], typer.Option(help="also export to these stacks (comma list or 'all')")] = None,
+    export_dir: Annotated[Path, typer.Option(help="folder for --export files")] = Path("."),
+    quick: Annotated[bool, typer.Option(help="tiny evaluation set (seconds; for smoke tests, not decisions)")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="allow the model's own Python code to run")] = False,
+    format: Annotated[OutputFormat, typer.Option("--format", "-f", help="stdout: table, json or yaml")] = OutputFormat.table,
+) -> None:
+    """Search KV-cache pipelines for a scenario, measuring every candidate on a real model; write the best."""
+    scen = get_scenario(scenario)
+    backup = guard_output(output, force)
+    targets = None
+    if export:
+        from kvtune.export import parse_targets
+
+        targets = parse_targets([export])
+    from kvtune.search import SearchContext, choose, redact_url, run_study
+
+    needs_sums = any(m == "h2o" for m in scen.selection)
+    prep = prepare(model=model, trust_remote_code=trust_remote_code, profile=profile, hardware=hardware,
+                   target=target, context=context, quick=quick, attention_sums=needs_sums, seed=seed)
+    if not prep.offload_possible and "offload" in scen.placements:
+        scen = dataclasses.replace(scen, placements=tuple(p for p in scen.placements if p != "offload"))
+        stderr.print("offload not explored: the hardware has no accelerator (try --hardware h100-pcie)")
+    name = study_name or "/".join(_slug(x) for x in (prep.loaded.name, prep.target.name, prep.hardware.name,
+                                                     prep.workload.name if prep.workload else "none", scen.name,
+                                                     "quick" if quick else "full"))
+    ctx = SearchContext(model=prep.loaded.model, evalset=prep.evalset, eval_config=prep.eval_config,
+                        cost=prep.cost, scenario=scen, seed=seed)
+    stderr.print(f"study '{name}' in {redact_url(storage)}; scenario {scen.name}: {scen.summary}")
+    started = time.perf_counter()
+    with Progress(TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.description}"), console=stderr, transient=False) as bar:
+        task = bar.add_task("", total=trials)
+
+        def on_trial(number: int, measured: Pipeline | None, label: str) -> None:
+            desc = label if measured is None else (
+                f"#{number} {label}: loss {measured.measured.quality.quality_loss:.4f}, "  # type: ignore[union-attr]
+                f"{measured.measured.cost.compression_ratio:.2f}x")  # type: ignore[union-attr]
+            bar.update(task, advance=1, description=desc[:90])
+
+        outcome = run_study(ctx, trials=trials, storage=storage, study_name=name, model_source=prep.loaded.source,
+                            on_trial=on_trial)
+    elapsed = time.perf_counter() - started
+    for number, reason in outcome.failed:
+        stderr.print(f"trial {number} failed: {reason}")
+    if not outcome.trials:
+        raise UserError(f"study '{name}': no trial completed; see the failures above")
+    best, feasible = choose(outcome.trials, scen)
+    assert best is not None
+    if not feasible:
+        stderr.print(f"[yellow]no candidate met the scenario's quality-loss ceiling ({scen.max_quality_loss}); "
+                     "showing the lowest-loss one[/yellow]")
+        for line in scen.advice:
+            stderr.print(f"advice: {line}")
+    best = best.model_copy(update={
+        "name": f"{scen.name} recommendation",
+        "provenance": Provenance(kvtune_version=__version__, created=utc_now(), scenario=scen.name, study=name,
+                                 seed=seed, model=prep.model_info(), hardware=prep.hardware_info(),
+                                 workload=prep.workload_info()),
+    })
+    if backup is not None:
+        output.replace(backup)
+        stderr.print(f"previous {output} kept as {backup}")
+    atomic_write_text(output, best.to_yaml())
+    front = outcome.pareto()
+    if format is OutputFormat.table:
+        out = Console(width=200)
+        out.print(front_table(front, best, scen.max_quality_loss,
+                              title=f"Pareto front of {len(outcome.trials)} trials ({scen.name})"))
+        out.print(f"[bold]Recommended for {scen.name}[/bold] ({'meets' if feasible else 'MISSES'} max quality "
+                  f"loss {scen.max_quality_loss:g}; prefers {scen.prefer}):")
+        print_measured(out, best)
+    else:
+        emit({"recommended": best.to_dict(), "pareto_front": [p.to_dict() for p in front],
+              "trials": len(outcome.trials), "pruned": [{"trial": n, "reason": r} for n, r in outcome.pruned]}, format)
+    stderr.print(f"{outcome.new_trials} trials in {elapsed:.0f} s ({len(outcome.trials)} measured in the study, "
+                 f"{len(outcome.pruned)} rejected before running); wrote {output}")
+    if targets:
+        from kvtune.commands.export import write_exports
+
+        write_exports(best, targets, export_dir, force=force)

@@ -1,0 +1,106 @@
+"""Deployment scenarios: constraints on the search space plus a preference over the Pareto front.
+
+A scenario is data, not a code path. It says which methods each axis may use, how much quality loss a
+candidate may have and still count as feasible, and which measured figure decides among the feasible
+Pareto-optimal candidates. The seven follow the deployment settings of the KV-cache survey literature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvtune.errors import UserError
+
+ALL_SELECTION = ("none", "streaming_llm", "snapkv", "h2o")
+ALL_CODECS = ("fp16", "fp8", "int8", "kivi")
+LOSSLESS_CODECS = ("fp16",)
+ALL_PLACEMENTS = ("gpu", "offload")
+
+# what decides among feasible Pareto-optimal candidates
+PREFERENCES = {
+    "capacity": "most concurrent sequences in the memory budget (then lower quality loss)",
+    "memory": "fewest KV bytes per token (then lower quality loss)",
+    "latency": "lowest decode latency including exposed offload transfer (then lower quality loss)",
+    "quality": "lowest quality loss (then more capacity)",
+}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    summary: str
+    selection: tuple[str, ...]
+    codecs: tuple[str, ...]
+    placements: tuple[str, ...]
+    max_quality_loss: float  # feasibility: quality_loss must be <= this
+    prefer: str  # a key of PREFERENCES
+    prefix_caching: bool = True
+    why: str = ""
+    advice: tuple[str, ...] = field(default=())  # model-level advice when runtime strategies cannot meet it
+
+    def allows(self, axis: str, method: str) -> bool:
+        return method in {"selection": self.selection, "codec": self.codecs, "placement": self.placements}[axis]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "summary": self.summary, "selection": list(self.selection),
+            "codecs": list(self.codecs), "placements": list(self.placements),
+            "max_quality_loss": self.max_quality_loss, "prefer": self.prefer,
+            "prefer_means": PREFERENCES[self.prefer], "prefix_caching": self.prefix_caching, "why": self.why,
+            "advice": list(self.advice),
+        }
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario(
+            "long-context", "a single request beyond 1M tokens", ALL_SELECTION, ALL_CODECS, ALL_PLACEMENTS,
+            max_quality_loss=0.5, prefer="memory", prefix_caching=False,
+            why="the KV of one sequence outgrows GPU memory: every byte per token counts, moderate loss accepted",
+            advice=("Prefer models whose attention keeps KV small: GQA with few KV heads, MLA latent KV "
+                    "(DeepSeek-V2/V3), or interleaved sliding-window layers (Gemma 2/3).",),
+        ),
+        Scenario(
+            "minimal-change", "no model or kernel modification: stock serving-stack flags only",
+            ("none",), ("fp16", "fp8"), ALL_PLACEMENTS,
+            max_quality_loss=0.05, prefer="capacity",
+            why="only what vLLM/SGLang/TensorRT-LLM support natively: fp8 KV and CPU offload, no eviction",
+        ),
+        Scenario(
+            "datacenter", "high-throughput serving of many concurrent requests", ALL_SELECTION, ALL_CODECS,
+            ("gpu",), max_quality_loss=0.1, prefer="capacity",
+            why="throughput grows with batch size, which the KV memory per sequence bounds",
+        ),
+        Scenario(
+            "edge", "memory-limited device", ALL_SELECTION, ALL_CODECS, ("gpu",),
+            max_quality_loss=0.3, prefer="memory",
+            why="the memory budget is the binding constraint; no host tier to offload to",
+            advice=("On very small memory, a smaller model with GQA/MQA often beats aggressive KV compression.",),
+        ),
+        Scenario(
+            "multi-turn", "conversations that come back to earlier turns", ("none",), ALL_CODECS, ALL_PLACEMENTS,
+            max_quality_loss=0.1, prefer="capacity",
+            why="tokens evicted in one turn are gone for the next: never drop for good; compress or offload instead",
+        ),
+        Scenario(
+            "prefill-heavy", "long prompts, short answers: time to first token first",
+            ("none", "streaming_llm", "snapkv"), ("fp16", "fp8", "int8"), ("gpu",),
+            max_quality_loss=0.1, prefer="latency",
+            why="no stage that adds prefill work (H2O's full attention scores, multi-bit packing); light codecs only",
+        ),
+        Scenario(
+            "accuracy-critical", "outputs must not change", ("none",), LOSSLESS_CODECS, ALL_PLACEMENTS,
+            max_quality_loss=0.0, prefer="capacity",
+            why="lossless stages only: the full cache, optionally offloaded (offload moves bytes, not values)",
+            advice=("For more capacity without loss: prefix caching, a GQA/MLA model, or more GPU memory.",),
+        ),
+    )
+}
+
+
+def get_scenario(name: str) -> Scenario:
+    if name not in SCENARIOS:
+        raise UserError(f"--scenario {name}: unknown scenario (known: {', '.join(SCENARIOS)})")
+    return SCENARIOS[name]
