@@ -60,6 +60,21 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from kvtune import __version__
+
+        typer.echo(f"kvtune {__version__}")
+        raise Exit(0)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Hardware-aware auto-tuner and policy advisor for the KV cache of LLM inference."""
+
+
 def _register() -> None:
     # Each command lives in kvtune/commands/<name>.py as a plain function; the order here is the --help order.
     from kvtune.commands import recommend as _recommend

@@ -33,10 +33,12 @@ class KiviStore(Store):
         self.n_quantized = 0
         self.n_residual = 0
 
-    def _flush(self) -> None:
-        if self.n_residual < self.residual:
+    def _flush(self, force: bool = False) -> None:
+        if self.n_residual < self.residual and not force:
             return
         n = (self.n_residual // self.group_size) * self.group_size
+        if n == 0:
+            return
         k_new, v_new = self.k_res[:, :, :n], self.v_res[:, :, :n]
         gv = min(self.group_size, k_new.shape[-1])
         kq = quantize_int(k_new, bits=self.bits, group_size=self.group_size, axis="token")
@@ -60,6 +62,14 @@ class KiviStore(Store):
         v = torch.cat([dequantize_int(self.vq), self.v_res], dim=-2)
         return k, v
 
+    def attend(self, query: torch.Tensor, scale: float, return_probs: bool = False):
+        from kvtune.kernels.decode_attention import decode_attention, decode_attention_int
+
+        if self.kq is None:
+            return decode_attention(query, self.k_res, self.v_res, scale=scale, return_probs=return_probs)
+        return decode_attention_int(query, self.kq, self.vq, self.k_res, self.v_res, scale=scale,
+                                    return_probs=return_probs)
+
     def keep(self, idx: torch.Tensor) -> None:
         # Keys are grouped along tokens, so a subset cannot be cut out of the codes: decode, select, re-encode.
         k, v = self.decoded()
@@ -67,6 +77,7 @@ class KiviStore(Store):
         k, v = k.gather(2, gather), v.gather(2, gather)
         self.__init__(self.bits, self.group_size, self.residual)  # type: ignore[misc]
         self.append(k, v)
+        self._flush(force=True)  # tokens that were quantized before stay quantized (whole groups)
 
     def nbytes(self) -> int:
         held = tensor_bytes(self.k_res, self.v_res)
