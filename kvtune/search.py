@@ -89,7 +89,7 @@ def measure(ctx: SearchContext, pipeline: Pipeline, trial_number: int | None = N
 def eval_fingerprint(ctx: SearchContext, model_source: str) -> str:
     """What must not change between runs of one study: model, evaluation set, cost setup, scenario."""
     doc = {"model": model_source, "eval": ctx.eval_config.__dict__, "scenario": ctx.scenario.name,
-           "spec": ctx.cost.spec.name, "context": ctx.cost.context_tokens, "budget": ctx.cost.memory_budget_bytes}
+           "spec": ctx.cost.spec.name, "context": ctx.cost.context_tokens}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -169,9 +169,13 @@ def run_study(ctx: SearchContext, *, trials: int, storage: str, study_name: str,
     if known is None:
         study.set_user_attr("fingerprint", fingerprint)
         study.set_user_attr("scenario", ctx.scenario.name)
+        study.set_user_attr("memory_budget_bytes", ctx.cost.memory_budget_bytes)
     elif known != fingerprint:
         raise UserError(f"study '{study_name}' was run with another model, evaluation set, scenario or cost "
                         "setup; pick another --study-name or --storage")
+    else:
+        # free memory drifts between runs; a resumed study keeps the budget its first trials were sized with
+        ctx.cost.memory_budget_bytes = int(study.user_attrs.get("memory_budget_bytes", ctx.cost.memory_budget_bytes))
     done: dict[str, Pipeline] = {}
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         if ATTR_PIPELINE in t.user_attrs:

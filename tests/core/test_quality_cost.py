@@ -1,0 +1,71 @@
+"""Quality and cost measurement on the real model, with small settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvtune.cost import CostSetup, measure_cost
+from kvtune.pipeline import Pipeline, Stage
+from kvtune.quality import EvalConfig, build_eval_set, evaluate_quality, passkey_prompt
+from kvtune.runtime import Stages
+
+CFG = EvalConfig(text_prompts=1, context_tokens=256, continuation_tokens=24, chunk=8, passkey_items=2,
+                 passkey_tokens=300, kv_items=0)
+
+
+@pytest.fixture(scope="module")
+def evalset(smol):
+    return build_eval_set(smol.model, smol.tokenizer, CFG, attention_sums=True)
+
+
+def test_full_cache_has_zero_loss_and_answers_its_probes(smol, evalset):
+    q = evaluate_quality(smol.model, evalset, Pipeline(), CFG)
+    assert q.kl_mean == 0.0 and q.top1_agreement == 1.0 and q.quality_loss == 0.0
+    assert q.perplexity == q.perplexity_full
+    assert q.passkey_full_accuracy == 1.0  # the default model answers a passkey at this length
+    assert q.eval_tokens == 24
+
+
+def test_lossy_pipelines_rank_as_expected(smol, evalset):
+    kivi4 = evaluate_quality(smol.model, evalset, Pipeline(codec=Stage(method="kivi", params={"bits": 4})), CFG)
+    kivi2 = evaluate_quality(smol.model, evalset, Pipeline(codec=Stage(method="kivi", params={"bits": 2})), CFG)
+    tiny = evaluate_quality(smol.model, evalset,
+                            Pipeline(selection=Stage(method="streaming_llm", params={"budget": 16, "sinks": 4})), CFG)
+    assert 0.0 < kivi4.kl_mean < kivi2.kl_mean
+    assert kivi4.kl_mean < tiny.kl_mean
+    # a 16-token StreamingLLM cache cannot hold a passkey from the middle of the prompt
+    assert tiny.passkey_accuracy == 0.0 and tiny.probe_retention == 0.0
+    assert tiny.quality_loss == pytest.approx(tiny.kl_mean + 1.0, abs=1e-6)
+
+
+def test_passkey_prompt_places_the_key(smol):
+    ids, answer = passkey_prompt(smol.tokenizer, 400, 0.5, "71432")
+    assert abs(len(ids) - 400) < 40
+    assert smol.tokenizer.decode(answer).strip() == "71432"
+    text = smol.tokenizer.decode(ids)
+    assert text.index("pass key") < text.index("71432")  # the question comes before the context
+
+
+def _setup(ctx=2048):
+    from kvtune.modelspec import ModelSpec
+
+    spec = ModelSpec("m", layers=4, kv_heads=2, q_heads=8, head_dim=64)
+    return CostSetup(spec=spec, context_tokens=ctx, memory_budget_bytes=64 * 2**20, link_gbps=25.0,
+                     link_source="datasheet", repeats=2, warmup=1)
+
+
+def test_cost_bytes_capacity_and_transfer():
+    setup = _setup()
+    full = measure_cost(Stages.of(Pipeline()), setup)
+    assert full.bytes_per_token == full.bytes_per_token_full == 2 * 4 * 2 * 64 * 2  # fp16
+    assert full.capacity_full_seqs == full.capacity_seqs == (64 * 2**20) // (2048 * 2048)
+    half = measure_cost(Stages.of(Pipeline(selection=Stage(method="snapkv", params={"budget": 0.5}))), setup)
+    assert half.bytes_per_token == full.bytes_per_token / 2 and half.capacity_seqs == 2 * full.capacity_seqs
+    kivi = measure_cost(Stages.of(Pipeline(codec=Stage(method="kivi", params={"bits": 4, "group_size": 32,
+                                                                               "residual": 128}))), setup)
+    assert kivi.compression_ratio > 3.0
+    off = measure_cost(Stages.of(Pipeline(placement=Stage(method="offload", params={"gpu_fraction": 0.25}))), setup)
+    assert off.capacity_seqs == 4 * full.capacity_seqs
+    assert off.transfer_ms >= 0.0 and any("25 GB/s" in n for n in off.notes)
+    assert all(c.decode_latency_ms > 0 for c in (full, half, kivi, off))
