@@ -42,11 +42,25 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return (c << shifts).sum(dim=-1).to(torch.uint8)  # (..., D/E): disjoint bit fields, sum == bitwise or
 
 
-def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: uint8 ``(..., W)`` -> int32 codes ``(..., W * 8 / bits)``."""
+_UNPACK_TABLES: dict[tuple[int, str, torch.dtype], torch.Tensor] = {}
+
+
+def _unpack_table(bits: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``(256, 8 / bits)``: the codes held in every possible byte (one gather beats shift-and-mask on CPUs)."""
+    key = (bits, str(device), dtype)
+    table = _UNPACK_TABLES.get(key)
+    if table is None:
+        words = torch.arange(256, device=device, dtype=torch.int32).unsqueeze(-1)  # (256, 1)
+        shifts = torch.arange(8 // bits, device=device, dtype=torch.int32) * bits  # (E,)
+        table = ((words >> shifts) & ((1 << bits) - 1)).to(dtype)  # (256, E)
+        _UNPACK_TABLES[key] = table
+    return table
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: uint8 ``(..., W)`` -> codes ``(..., W * 8 / bits)`` (int32 by default)."""
     per_word = 8 // bits
-    shifts = torch.arange(per_word, device=packed.device, dtype=torch.int32) * bits  # (E,)
-    c = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (..., W, E)
+    c = _unpack_table(bits, packed.device, dtype)[packed.long()]  # (..., W, E)
     return c.reshape(*packed.shape[:-1], packed.shape[-1] * per_word)  # (..., D)
 
 
@@ -76,15 +90,12 @@ def quantize_int_ref(x: torch.Tensor, bits: int, group_size: int, axis: str):
 
 def dequantize_int_ref(packed, scale, zero, bits: int, group_size: int, axis: str, dtype: torch.dtype):
     """Inverse of :func:`quantize_int_ref` up to the rounding of the codes; returns ``(B, H, T, D)`` in ``dtype``."""
-    codes = unpack_codes(packed, bits).float()  # (B, H, T, D)
+    codes = unpack_codes(packed, bits, torch.float32)  # (B, H, T, D)
     b, h, t, d = codes.shape
-    if axis == "token":
-        s = scale.float().repeat_interleave(group_size, dim=2)  # (B, H, T, D)
-        z = zero.float().repeat_interleave(group_size, dim=2)  # (B, H, T, D)
-    else:
-        s = scale.float().repeat_interleave(group_size, dim=3)  # (B, H, T, D)
-        z = zero.float().repeat_interleave(group_size, dim=3)  # (B, H, T, D)
-    return (codes * s + z).to(dtype)
+    g = _grouped(codes, group_size, axis)  # (B, H, T/G, G, D) or (B, H, T, D/G, G)
+    red = 3 if axis == "token" else 4
+    out = torch.addcmul(zero.float().unsqueeze(red), g, scale.float().unsqueeze(red))  # broadcast, no copies
+    return out.reshape(b, h, t, d).to(dtype)
 
 
 def quantize_fp8_ref(x: torch.Tensor, fmt: str, scale_axis: str):
