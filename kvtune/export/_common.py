@@ -158,6 +158,24 @@ def host_bytes(p: Pipeline) -> int | None:
     return derived if derived > 0 else None
 
 
+def fp8_kv_dtype(p: Pipeline, notes: "Notes", *, scale_note: str, fallback_note: str) -> tuple[str | None, bool]:
+    """The ``fp8_e4m3``/``fp8_e5m2`` KV dtype a vLLM-style stack takes for this codec (None = model dtype) and
+    whether it realizes the codec as measured. ``scale_note`` says how the stack's scales differ from kvtune's
+    (``{scale}`` is filled in); ``fallback_note`` names the nearest setting for codecs the stack lacks."""
+    codec = p.codec
+    if codec.method in IDENTITY_CODECS:
+        return None, True
+    if codec.method == "fp8":
+        fmt = str_param(codec, "fmt", "e4m3")
+        if fmt not in ("e4m3", "e5m2"):
+            notes.approximated(f"codec {codec.label()}", f"unknown fp8 format {fmt!r}, written as fp8_e4m3")
+            fmt = "e4m3"
+        notes.approximated(f"codec {codec.label()} scales", scale_note.format(scale=str_param(codec, "scale", "head")))
+        return f"fp8_{fmt}", True
+    notes.not_expressible(f"codec {codec.label()}", fallback_note)
+    return None, False
+
+
 def codec_factor(stack_kv_dtype: str) -> float:
     """Bytes of the stack's KV element relative to the 16-bit model dtype."""
     return 0.5 if "fp8" in stack_kv_dtype else 1.0

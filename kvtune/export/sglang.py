@@ -31,26 +31,13 @@ FILENAME = "sglang.yaml"
 
 
 def _kv_dtype(p: Pipeline, notes: c.Notes) -> tuple[str | None, bool]:
-    codec = p.codec
-    if codec.method in c.IDENTITY_CODECS:
-        return None, True
-    if codec.method == "fp8":
-        fmt = c.str_param(codec, "fmt", "e4m3")
-        if fmt not in ("e4m3", "e5m2"):
-            notes.approximated(f"codec {codec.label()}", f"unknown fp8 format {fmt!r}, written as fp8_e4m3")
-            fmt = "e4m3"
-        scale = c.str_param(codec, "scale", "head")
-        notes.approximated(
-            f"codec {codec.label()} scales",
-            f"SGLang uses per-layer K/V scales from the checkpoint or quantization-param-path (scale={scale} is "
-            "finer); without them the scales are 1.0",
-        )
-        return f"fp8_{fmt}", True
-    notes.not_expressible(
-        f"codec {codec.label()}",
-        "kv-cache-dtype: fp8_e4m3 (not applied: kvtune did not measure its quality); the KV stays in the model dtype",
+    """The ``kv-cache-dtype`` to write (None = auto) and whether it realizes the codec as measured."""
+    return c.fp8_kv_dtype(
+        p, notes,
+        scale_note=("SGLang uses per-layer K/V scales from the checkpoint or quantization-param-path (scale={scale} is "
+                    "finer); without them the scales are 1.0"),
+        fallback_note=("kv-cache-dtype: fp8_e4m3 (not applied: kvtune did not measure its quality); the KV stays in the model dtype"),
     )
-    return None, False
 
 
 def build(p: Pipeline, notes: c.Notes) -> dict[str, Any]:

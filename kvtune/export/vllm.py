@@ -38,27 +38,13 @@ LMCACHE_CONNECTOR = "LMCacheConnectorV1"
 
 def _kv_dtype(p: Pipeline, notes: c.Notes) -> tuple[str | None, bool]:
     """The ``kv-cache-dtype`` to write (None = auto) and whether it realizes the codec as measured."""
-    codec = p.codec
-    if codec.method in c.IDENTITY_CODECS:
-        return None, True
-    if codec.method == "fp8":
-        fmt = c.str_param(codec, "fmt", "e4m3")
-        if fmt not in ("e4m3", "e5m2"):
-            notes.approximated(f"codec {codec.label()}", f"unknown fp8 format {fmt!r}, written as fp8_e4m3")
-            fmt = "e4m3"
-        scale = c.str_param(codec, "scale", "head")
-        notes.approximated(
-            f"codec {codec.label()} scales",
-            f"vLLM keeps one scale per layer for K and one for V (scale={scale} is finer); the scales are 1.0 unless "
-            "the checkpoint carries calibrated ones (llm-compressor) or calculate-kv-scales is set",
-        )
-        return f"fp8_{fmt}", True
-    notes.not_expressible(
-        f"codec {codec.label()}",
-        "kv-cache-dtype: fp8_e4m3 (8 bits per element; not applied: kvtune did not measure its quality); "
-        "the KV stays in the model dtype",
+    return c.fp8_kv_dtype(
+        p, notes,
+        scale_note=("vLLM keeps one scale per layer for K and one for V (scale={scale} is finer); the scales are 1.0 unless "
+            "the checkpoint carries calibrated ones (llm-compressor) or calculate-kv-scales is set"),
+        fallback_note=("kv-cache-dtype: fp8_e4m3 (8 bits per element; not applied: kvtune did not measure its quality); "
+        "the KV stays in the model dtype"),
     )
-    return None, False
 
 
 def _block_size(block: int, notes: c.Notes, what: str) -> int:
