@@ -35,7 +35,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvtune.pipeline import Pipeline
 from kvtune.strategies import ScoreInputs, Selector, build
-from kvtune.strategies.base import Codec, Store, budget_tokens, protected_topk
+from kvtune.strategies.base import Codec, Store, protected_topk
+from kvtune.strategies.ragged import RaggedStore
 
 ATTENTION_NAME = "kvtune"
 WINDOW_MAX = 64  # prompt queries recorded for window-based selectors (SnapKV's window is <= 64)
@@ -95,7 +96,7 @@ class PipelineLayer(CacheLayerMixin):
         self.stages = stages
         self.layer_idx = layer_idx
         self.num_layers = num_layers
-        self.store: Store = stages.codec.new_store()
+        self.store: Store = self._new_store()
         self.tokens_seen = 0  # tokens that passed through this layer (positions)
         self.scores: torch.Tensor | None = None  # (B, H, N) accumulated attention, decode-time selectors
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # prompt K/V awaiting selection
@@ -103,6 +104,14 @@ class PipelineLayer(CacheLayerMixin):
         self.record_sums = record_sums
         self.recorded: LayerRecord | None = None
         self.generator = torch.Generator().manual_seed(seed * 1009 + layer_idx)
+        self.recent_queries: torch.Tensor | None = None  # (B, Hq, <=WINDOW_MAX, D), re-compression only
+        self.since_compress = 0  # tokens decoded since the last (re-)selection
+
+    def _new_store(self) -> Store:
+        sel = self.stages.selector
+        if sel is not None and sel.ragged:
+            return RaggedStore(self.stages.codec, self.layer_idx, self.num_layers)
+        return self.stages.codec.layer_store(self.layer_idx, self.num_layers)
 
     # -- transformers' layer protocol ------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -136,10 +145,12 @@ class PipelineLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.store = self.stages.codec.new_store()
+        self.store = self._new_store()
         self.tokens_seen = 0
         self.scores = None
         self.pending = None
+        self.recent_queries = None
+        self.since_compress = 0
 
     # -- kvtune ----------------------------------------------------------------------------------------------
     @property
@@ -161,8 +172,35 @@ class PipelineLayer(CacheLayerMixin):
                 self.recorded = LayerRecord(keys, values, window, sums, scaling)
             self.compress(keys, values, window, sums, scaling)
         elif probs is not None and self.scores is not None:
-            self.scores = self.scores + probs
+            self.scores = self.stages.selector.update_scores(self.scores, probs)  # type: ignore[union-attr]
             self._evict_over_budget(scaling)
+        elif self.stages.selector is not None and self.stages.selector.recompress_every:
+            self._recompress(query, scaling)
+
+    @property
+    def ragged_lengths(self) -> torch.Tensor | None:
+        """(B, H) tokens per head when this layer's store is ragged and holds tokens, else None."""
+        if isinstance(self.store, RaggedStore) and self.pending is None and len(self.store):
+            return self.store.lengths()
+        return None
+
+    def _recompress(self, query: torch.Tensor, scaling: float) -> None:
+        """Prefill-time selectors with ``recompress_every``: re-select over the stored tokens every N decoded
+        tokens, with the most recent queries (prompt tail + decoded) as the observation window."""
+        sel = self.stages.selector
+        assert sel is not None
+        q = query if self.recent_queries is None else torch.cat([self.recent_queries, query], dim=2)
+        self.recent_queries = q[:, :, -WINDOW_MAX:]
+        self.since_compress += query.shape[2]
+        if self.since_compress < sel.recompress_every:
+            return
+        self.since_compress = 0
+        keys, values = self.store.decoded()
+        inputs = ScoreInputs(keys, values, self.layer_idx, self.num_layers, scaling, self.recent_queries, None,
+                             self.generator)
+        idx = sel.select(inputs, tokens_seen=self.tokens_seen)
+        if idx is not None:
+            self.store.keep(idx)
 
     def compress(self, keys: torch.Tensor, values: torch.Tensor, window: torch.Tensor | None,
                  sums: torch.Tensor | None, scaling: float) -> None:
@@ -170,9 +208,20 @@ class PipelineLayer(CacheLayerMixin):
         sel = self.stages.selector
         if sel is not None:
             inputs = ScoreInputs(keys, values, self.layer_idx, self.num_layers, scaling, window, sums, self.generator)
+            if sel.recompress_every:
+                self.recent_queries = window
+            if sel.ragged:
+                per_head = sel.select_ragged(inputs)
+                if per_head is None:
+                    self.store.append(keys, values)
+                else:
+                    self.store.append_ragged(  # type: ignore[attr-defined]
+                        [[keys[i, j, ix] for j, ix in enumerate(row)] for i, row in enumerate(per_head)],
+                        [[values[i, j, ix] for j, ix in enumerate(row)] for i, row in enumerate(per_head)])
+                return
             idx = sel.select(inputs)
             if sel.decode_time:
-                self.scores = sums if sums is not None else keys.new_zeros(keys.shape[:3])
+                self.scores = sel.score(inputs).float()
             if idx is not None:
                 gather = idx.unsqueeze(-1).expand(*idx.shape, keys.shape[-1])  # (B, H, K, D)
                 keys, values = keys.gather(2, gather), values.gather(2, gather)
@@ -183,7 +232,7 @@ class PipelineLayer(CacheLayerMixin):
     def _evict_over_budget(self, scaling: float) -> None:
         sel = self.stages.selector
         assert sel is not None and self.scores is not None
-        keep = budget_tokens(sel.budget, self.tokens_seen)
+        keep = sel.layer_keep(self.tokens_seen, self.layer_idx, self.num_layers)
         if len(self.store) <= keep:
             return
         idx = protected_topk(self.scores, keep, sel.sinks, sel.recent)
@@ -267,6 +316,14 @@ def kvtune_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
         p = logits.softmax(dim=-1)  # (B, H, G, Tq, Tk)
         out = torch.einsum("bhgqk,bhkd->bhgqd", p, value).reshape(b, hq, tq, d)
         probs = p.sum(dim=(2, 3))  # (B, H, Tk)
+    elif layer is not None and layer.ragged_lengths is not None:
+        # per-head lengths (Ada-KV): right-padded view; key j is visible to the i-th new query iff
+        # j < length - tq + i + 1 for that head, which also masks the padding
+        lengths = layer.ragged_lengths.to(query.device)  # (B, H)
+        limit = lengths.view(b, h, 1, 1) - tq + 1 + torch.arange(tq, device=query.device).view(1, 1, tq, 1)
+        mask = torch.arange(tk, device=query.device).view(1, 1, 1, tk) < limit  # (B, H, Tq, Tk)
+        mask = mask.repeat_interleave(hq // h, dim=1)  # (B, Hq, Tq, Tk)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=(hq != h))
     else:
         mask = None
         if attention_mask is not None and attention_mask.shape[-1] == tk:

@@ -12,8 +12,9 @@ from typing import Any
 
 from kvtune.errors import UserError
 
-ALL_SELECTION = ("none", "streaming_llm", "snapkv", "h2o")
-ALL_CODECS = ("fp16", "fp8", "int8", "kivi")
+# ``random`` is a baseline (measured by benchmarks/strategies.py for every report), never worth searching
+ALL_SELECTION = ("none", "streaming_llm", "snapkv", "h2o", "pyramidkv", "ada_kv", "tova", "knorm", "sliding_window")
+ALL_CODECS = ("fp16", "fp8", "int8", "kivi", "lowrank", "mixed")
 LOSSLESS_CODECS = ("fp16",)
 ALL_PLACEMENTS = ("gpu", "offload")
 
@@ -67,11 +68,17 @@ SCENARIOS: dict[str, Scenario] = {
             ("none",), ("fp16", "fp8"), ALL_PLACEMENTS,
             max_quality_loss=0.05, prefer="capacity",
             why="only what vLLM/SGLang/TensorRT-LLM support natively: fp8 KV and CPU offload, no eviction",
+            advice=("Without runtime changes the remaining lever is the model: a GQA model with fewer KV heads "
+                    "(Llama 3, Qwen 2.5) or an MLA model (DeepSeek-V2/V3) stores several times less KV per "
+                    "token than an MHA one of the same size.",),
         ),
         Scenario(
             "datacenter", "high-throughput serving of many concurrent requests", ALL_SELECTION, ALL_CODECS,
             ("gpu",), max_quality_loss=0.1, prefer="capacity",
             why="throughput grows with batch size, which the KV memory per sequence bounds",
+            advice=("If capacity is still short: MLA (DeepSeek-V2/V3) caches one latent per token instead of "
+                    "per-head K/V; models with interleaved sliding-window layers (Gemma 2/3, Mistral's early "
+                    "models) bound half the layers' KV; both need the model trained that way.",),
         ),
         Scenario(
             "edge", "memory-limited device", ALL_SELECTION, ALL_CODECS, ("gpu",),
@@ -83,12 +90,19 @@ SCENARIOS: dict[str, Scenario] = {
             "multi-turn", "conversations that come back to earlier turns", ("none",), ALL_CODECS, ALL_PLACEMENTS,
             max_quality_loss=0.1, prefer="capacity",
             why="tokens evicted in one turn are gone for the next: never drop for good; compress or offload instead",
+            advice=("Long conversations grow without bound under every lossless-or-compressed stage; hybrid "
+                    "models with linear-attention or state-space layers (Jamba, Zamba, RecurrentGemma) keep a "
+                    "fixed-size state for most layers, at the cost of exact recall of old turns.",),
         ),
         Scenario(
             "prefill-heavy", "long prompts, short answers: time to first token first",
-            ("none", "streaming_llm", "snapkv"), ("fp16", "fp8", "int8"), ("gpu",),
+            ("none", "streaming_llm", "snapkv", "pyramidkv", "knorm", "sliding_window"), ("fp16", "fp8", "int8"),
+            ("gpu",),
             max_quality_loss=0.1, prefer="latency",
             why="no stage that adds prefill work (H2O's full attention scores, multi-bit packing); light codecs only",
+            advice=("Time to first token is set by prefill compute, which no KV stage removes; sliding-window "
+                    "or linear-attention layers (Gemma 2/3, Mistral 7B v0.1, hybrid SSM models) cut it, but "
+                    "only in models trained with them.",),
         ),
         Scenario(
             "accuracy-critical", "outputs must not change", ("none",), LOSSLESS_CODECS, ALL_PLACEMENTS,

@@ -10,20 +10,30 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from kvtune.errors import UserError
+from kvtune.strategies.ada_kv import AdaKV
 from kvtune.strategies.base import Codec, ScoreInputs, Selector, Store, Strategy
 from kvtune.strategies.fp8 import FP8
 from kvtune.strategies.h2o import H2O
 from kvtune.strategies.identity import BF16, FP16
 from kvtune.strategies.int8 import Int8
 from kvtune.strategies.kivi import KIVI
+from kvtune.strategies.knorm import KNorm
+from kvtune.strategies.lowrank import LowRank
+from kvtune.strategies.mixed import Mixed
 from kvtune.strategies.placement import GPU, Offload, Placement
+from kvtune.strategies.pyramidkv import PyramidKV
+from kvtune.strategies.random_select import Random
+from kvtune.strategies.sliding_window import SlidingWindow
 from kvtune.strategies.snapkv import SnapKV
 from kvtune.strategies.streaming_llm import StreamingLLM
+from kvtune.strategies.tova import TOVA
 
 NONE = "none"  # selection method that keeps every token
 
-SELECTORS: dict[str, type[Selector]] = {cls.name: cls for cls in (StreamingLLM, SnapKV, H2O)}
-CODECS: dict[str, type[Codec]] = {cls.name: cls for cls in (FP16, BF16, FP8, Int8, KIVI)}
+SELECTORS: dict[str, type[Selector]] = {
+    cls.name: cls for cls in (StreamingLLM, SnapKV, H2O, PyramidKV, AdaKV, TOVA, KNorm, SlidingWindow, Random)
+}
+CODECS: dict[str, type[Codec]] = {cls.name: cls for cls in (FP16, BF16, FP8, Int8, KIVI, LowRank, Mixed)}
 PLACEMENTS: dict[str, type[Placement]] = {cls.name: cls for cls in (GPU, Offload)}
 AXES: dict[str, dict[str, type[Strategy]]] = {"selection": SELECTORS, "codec": CODECS, "placement": PLACEMENTS}  # type: ignore[dict-item]
 
@@ -74,7 +84,9 @@ def codec_bytes_per_token(method: str, params: dict[str, Any], spec: Any, tokens
 
     codec = build("codec", method, params)
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[spec.dtype]
-    return spec.layers * codec.bytes_per_token(spec.kv_heads, spec.head_dim, dtype, tokens)  # type: ignore[union-attr]
+    total = sum(codec.layer_nbytes(i, spec.layers, 1, spec.kv_heads, tokens, spec.head_dim, dtype)  # type: ignore[union-attr]
+                for i in range(spec.layers))
+    return total / tokens
 
 
 __all__ = [

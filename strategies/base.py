@@ -9,7 +9,13 @@ Three axes, one base class each:
     number kept per head is exactly ``budget_tokens(T)`` (or ``T`` when the budget covers everything), and the
     indices come back sorted so that kept tokens stay in their original order.
     A selector runs once at the end of prefill. One with ``decode_time = True`` also re-selects whenever the
-    cache grows past its budget during decoding (H2O, TOVA), from scores the runtime accumulates for it.
+    cache grows past its budget during decoding (H2O, TOVA), from scores the runtime keeps for it: starting
+    from :meth:`Selector.score` at the end of prefill, each decode step folds its attention in through
+    :meth:`Selector.update_scores` (a running sum for H2O, the latest step only for TOVA). A prefill-time selector re-selects every ``recompress_every`` decoded tokens when that is > 0,
+    scoring the stored tokens with the most recent queries as its window.
+    Budgets per layer: :meth:`Selector.layer_keep` (PyramidKV overrides it; the layers' sum stays the
+    uniform total). Budgets per head (Ada-KV, ``ragged = True``): :meth:`Selector.select_ragged` returns one
+    index tensor per (batch, head) and the runtime stores each head's tokens separately (really freed).
 
 ``Codec`` (compression)
     Creates per-layer :class:`Store` objects that hold what the codec produced. A store appends new tokens,
@@ -99,11 +105,13 @@ class Selector(Strategy):
     category: ClassVar[str] = "selection"
     needs: ClassVar[frozenset[str]] = frozenset()  # "window_queries" and/or "attention_sums"
     decode_time: ClassVar[bool] = False
+    ragged: ClassVar[bool] = False  # per-head budgets: select_ragged, stored per head
     drops_tokens: ClassVar[bool] = True
 
     budget: Budget = 0.5
     sinks: int = 4
     recent: int = 32
+    recompress_every: int = 0  # prefill-time selectors: re-select every N decoded tokens (0 = never)
 
     def __post_init__(self) -> None:
         check_budget(self.budget)
@@ -111,6 +119,17 @@ class Selector(Strategy):
             raise ValueError(f"sinks must be >= 0, got {self.sinks}")
         if self.recent < 0:
             raise ValueError(f"recent must be >= 0, got {self.recent}")
+        if isinstance(self.recompress_every, bool) or not isinstance(self.recompress_every, int) or not (
+            0 <= self.recompress_every <= 4096
+        ):
+            raise ValueError(f"recompress_every must be an int in 0..4096 (0 = never), got {self.recompress_every!r}")
+        if self.recompress_every and self.decode_time:
+            raise ValueError(f"recompress_every: {self.name} already re-selects at every decode step; leave it 0")
+
+    def layer_keep(self, tokens: int, layer_idx: int, num_layers: int) -> int:
+        """Tokens this layer keeps out of ``tokens`` seen. Uniform by default; summed over the layers it equals
+        ``num_layers * budget_tokens(budget, tokens)`` for every selector (PyramidKV redistributes it)."""
+        return budget_tokens(self.budget, tokens)
 
     @abstractmethod
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
@@ -122,10 +141,18 @@ class Selector(Strategy):
         ``tokens_seen`` is the context length the budget ratio applies to (defaults to the tokens present).
         """
         b, h, t, _ = inputs.keys.shape
-        keep = budget_tokens(self.budget, tokens_seen if tokens_seen is not None else t)
+        keep = self.layer_keep(tokens_seen if tokens_seen is not None else t, inputs.layer_idx, inputs.num_layers)
         if keep >= t:
             return None
         return protected_topk(self.score(inputs), keep, self.sinks, self.recent)
+
+    def update_scores(self, scores: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """Decode-time selectors: fold one step's attention ``probs`` (B, H, N) into ``scores`` (B, H, N)."""
+        return scores + probs
+
+    def select_ragged(self, inputs: ScoreInputs, tokens_seen: int | None = None) -> list[list[torch.Tensor]] | None:
+        """Per-head budgets (``ragged`` selectors): ``[b][h]`` -> sorted indices; ``None`` when all fit."""
+        raise NotImplementedError(f"{self.name} has one budget for every head; use select()")
 
 
 def protected_topk(scores: torch.Tensor, keep: int, sinks: int, recent: int) -> torch.Tensor:
@@ -154,7 +181,11 @@ def protected_topk(scores: torch.Tensor, keep: int, sinks: int, recent: int) -> 
 
 
 class Store(ABC):
-    """One layer's stored KV in a codec's form. Keeps explicit counters; never infers state from contents."""
+    """One layer's stored KV in a codec's form. Keeps explicit counters; never infers state from contents.
+
+    Call order: ``append`` (the prompt, then each decoded chunk), ``decoded``/``attend`` any time after the first
+    append, ``keep`` between appends. A store belongs to one layer of one cache and is not thread-safe.
+    """
 
     @abstractmethod
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -176,6 +207,17 @@ class Store(ABC):
     def __len__(self) -> int:
         """Tokens held per head."""
 
+    def attend(self, query: torch.Tensor, scale: float, return_probs: bool = False):
+        """One decode step's attention over the stored form: query (B, Hq, D) -> (out (B, Hq, D), probs).
+
+        The default decodes and runs the dense kernel; codecs with a kernel that reads their stored form
+        directly (KIVI, fp8) override this, so cost is measured on the path a deployment would run.
+        """
+        from kvtune.kernels.decode_attention import decode_attention
+
+        keys, values = self.decoded()
+        return decode_attention(query, keys, values, scale=scale, return_probs=return_probs)
+
 
 @dataclass
 class Codec(Strategy):
@@ -187,6 +229,16 @@ class Codec(Strategy):
     @abstractmethod
     def new_store(self) -> Store:
         """An empty per-layer store."""
+
+    def layer_store(self, layer_idx: int, num_layers: int) -> Store:
+        """The empty store for one given layer. Equal to :meth:`new_store` unless the codec differs per layer
+        (``mixed``); the runtime always calls this one."""
+        return self.new_store()
+
+    def layer_nbytes(self, layer_idx: int, num_layers: int, batch: int, heads: int, tokens: int, head_dim: int,
+                     dtype: torch.dtype) -> int:
+        """:meth:`analytic_nbytes` for one given layer (differs from it only for per-layer codecs)."""
+        return self.analytic_nbytes(batch, heads, tokens, head_dim, dtype)
 
     @abstractmethod
     def analytic_nbytes(self, batch: int, heads: int, tokens: int, head_dim: int, dtype: torch.dtype) -> int:

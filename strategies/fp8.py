@@ -28,6 +28,11 @@ class Fp8Store(Store):
     def decoded(self) -> tuple[torch.Tensor, torch.Tensor]:
         return dequantize_fp8(self.k), dequantize_fp8(self.v)
 
+    def attend(self, query: torch.Tensor, scale: float, return_probs: bool = False):
+        from kvtune.kernels.decode_attention import decode_attention_fp8
+
+        return decode_attention_fp8(query, self.k, self.v, scale=scale, return_probs=return_probs)
+
     def keep(self, idx: torch.Tensor) -> None:
         self.k = self.k.index_select_tokens(idx)
         self.v = self.v.index_select_tokens(idx)

@@ -49,8 +49,11 @@ class Offload(Placement):
     only the copy time not hidden behind attention of the same step (``max(0, copy - compute)`` per layer,
     divided by the prefetch depth's overlap); the copy rate comes from the hardware profile (measured on a
     GPU, datasheet otherwise, which the report says).
+    Disk tier (KV beyond host RAM, as LMCache's local-disk backend): the non-resident blocks are read from
+    disk, so the copy runs at ``min(link, disk_gbps)``; ``disk_gbps`` defaults to a PCIe 4.0 NVMe datasheet
+    sequential-read figure (7 GB/s), not a measurement; a profile's measured disk rate should be passed in.
     Parameters: ``tier`` cpu|disk; ``gpu_fraction`` 0.05..0.95; ``block_size`` 16|32|64|128 tokens;
-    ``prefetch_depth`` 1..4 layers.
+    ``prefetch_depth`` 1..4 layers; ``disk_gbps`` > 0 (disk tier only).
     """
 
     name: ClassVar[str] = "offload"
@@ -61,6 +64,7 @@ class Offload(Placement):
     gpu_fraction: float = 0.25
     block_size: int = 32
     prefetch_depth: int = 1
+    disk_gbps: float = 7.0
 
     def __post_init__(self) -> None:
         if self.tier not in ("cpu", "disk"):
@@ -71,12 +75,18 @@ class Offload(Placement):
             raise ValueError(f"block_size must be one of 16, 32, 64, 128, got {self.block_size}")
         if not 1 <= self.prefetch_depth <= 4:
             raise ValueError(f"prefetch_depth must be in 1..4, got {self.prefetch_depth}")
+        if isinstance(self.disk_gbps, bool) or not isinstance(self.disk_gbps, (int, float)) or self.disk_gbps <= 0:
+            raise ValueError(f"disk_gbps must be a positive number (GB/s), got {self.disk_gbps!r}")
+
+    def copy_gbps(self, link_gbps: float) -> float:
+        """The rate the non-resident blocks arrive at: the host link, or the disk when it is slower."""
+        return min(link_gbps, float(self.disk_gbps)) if self.tier == "disk" else link_gbps
 
     def gpu_fraction_held(self) -> float:
         return self.gpu_fraction
 
     def exposed_transfer_ms(self, offloaded_bytes_per_step: float, link_gbps: float, compute_ms: float) -> float:
-        copy_ms = offloaded_bytes_per_step / (link_gbps * 1e9) * 1e3
+        copy_ms = offloaded_bytes_per_step / (self.copy_gbps(link_gbps) * 1e9) * 1e3
         # deeper prefetch gives the copy more layers of compute to hide behind
         return max(0.0, copy_ms - compute_ms * self.prefetch_depth)
 
