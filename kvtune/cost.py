@@ -3,12 +3,14 @@
 Everything is measured on the candidate's stored form at the *target* model's shapes (layers, KV heads, head
 dim, KV dtype) and at the workload's context length:
 
-* **bytes per token** — one layer's store is filled with ``kept`` tokens (the selector's budget of the
-  context) and encoded by the codec; its ``nbytes()`` (measured from the stored tensors, scales and residual
-  included) times the number of layers, divided by the *context* length. Eviction and compression both show.
+* **bytes per token** — a layer's store is filled with ``kept`` tokens (the selector's budget of the context,
+  per layer where budgets differ) and encoded by that layer's codec; the ``nbytes()`` of every layer (measured
+  from the stored tensors, scales and residual included), summed, divided by the *context* length. Layers that
+  are alike are measured once. Eviction and compression both show. Per-head budgets (Ada-KV) are measured at
+  their uniform mean.
 * **decode latency** — one decode step's attention for one sequence: the store's ``attend`` (the kernels'
-  dispatch: Triton on a GPU, the PyTorch reference on a CPU), median of repeats after warm-up, times the
-  number of layers (layers have identical shapes; timing one keeps big targets within memory). The full
+  dispatch: Triton on a GPU, the PyTorch reference on a CPU), median of repeats after warm-up, summed over
+  the layers (one timing per group of alike layers keeps big targets within memory). The full
   cache is timed in the same run, interleaved, so the ratio is fair on a noisy machine.
 * **capacity** — sequences of the context length whose GPU-resident KV fits in the memory budget.
 * **transfer** — for offload placements: the host-to-device copy per decode step that prefetch does not hide,
@@ -21,6 +23,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -39,6 +42,7 @@ class CostSetup:
     memory_budget_bytes: int
     link_gbps: float | None = None  # host-to-device rate for offload
     link_source: str = "none"
+    disk_gbps: float | None = None  # sequential read rate of the offload directory (profile), for tier=disk
     device: str = "cpu"
     repeats: int = 7
     warmup: int = 1
@@ -80,38 +84,32 @@ def _timer(device: str):
     return run
 
 
-def _stores(stages: Stages, build, k: torch.Tensor, v: torch.Tensor, kept: int):
-    full_store = build("codec", "fp16", {}).new_store()
-    full_store.append(k, v)
-    store = stages.codec.new_store()
+def layer_groups(stages: Stages, spec: ModelSpec, ctx: int) -> list[tuple[int, Any, int]]:
+    """Layers with the same (kept tokens, codec) measured once: ``[(kept, layer codec, layer count), ...]``.
+
+    Per-layer budgets (PyramidKV) and per-layer codecs (mixed) make layers differ; a uniform pipeline is one
+    group of ``spec.layers`` layers.
+    """
+    sel, codec = stages.selector, stages.codec
+    groups: dict[tuple[int, str], list] = {}
+    for i in range(spec.layers):
+        kept = sel.layer_keep(ctx, i, spec.layers) if sel is not None else ctx
+        layer_codec = codec.layer_codec(i, spec.layers) if hasattr(codec, "layer_codec") else codec
+        key = (kept, repr(layer_codec))
+        if key not in groups:
+            groups[key] = [kept, layer_codec, 0]
+        groups[key][2] += 1
+    return [tuple(g) for g in groups.values()]  # type: ignore[misc]
+
+
+def _filled(codec: Any, k: torch.Tensor, v: torch.Tensor, kept: int):
+    store = codec.new_store()
     store.append(k[:, :, :kept].contiguous(), v[:, :, :kept].contiguous())
-    return full_store, store
+    return store
 
 
-def measure_cost(stages: Stages, setup: CostSetup, seed: int = 0) -> CostResult:
-    """Measure one pipeline's cost (see the module docstring)."""
-    spec, ctx, dtype, dev = setup.spec, setup.context_tokens, setup.dtype, setup.device
-    sel = stages.selector
-    kept = budget_tokens(sel.budget, ctx) if sel is not None else ctx
-    from kvtune.strategies import build
-
-    # Bytes: stores encoded in the target KV dtype. Timing: the same stores in the compute dtype, which is the
-    # target dtype on a GPU and float32 on a CPU (CPUs emulate fp16 arithmetic; timing it would measure that).
-    compute_dtype = dtype if dev.startswith("cuda") else torch.float32
-    k, v = _random_kv(spec, ctx, dtype, dev, seed)
-    full_store, store = _stores(stages, build, k, v, kept)
-    layer_bytes = store.nbytes()
-    full_layer_bytes = full_store.nbytes()
-    if compute_dtype != dtype:
-        full_store, store = _stores(stages, build, k.to(compute_dtype), v.to(compute_dtype), kept)
-
-    q = torch.randn((1, spec.q_heads, spec.head_dim), generator=torch.Generator().manual_seed(seed + 1))
-    q = q.to(dev, compute_dtype)
-    scale = spec.head_dim**-0.5
-    probs = sel is not None and sel.decode_time
-    timer = _timer(dev)
-    cand_fn = lambda: store.attend(q, scale, return_probs=probs)  # noqa: E731
-    full_fn = lambda: full_store.attend(q, scale)  # noqa: E731
+def _median_pair(timer, cand_fn, full_fn, setup: "CostSetup") -> tuple[float, float]:
+    """Medians of the candidate and the full cache, timed interleaved so drift hits both alike."""
     for _ in range(setup.warmup):
         cand_fn()
         full_fn()
@@ -119,8 +117,41 @@ def measure_cost(stages: Stages, setup: CostSetup, seed: int = 0) -> CostResult:
     for _ in range(setup.repeats):
         cand_t.append(timer(cand_fn))
         full_t.append(timer(full_fn))
-    layer_ms = statistics.median(cand_t)
-    full_layer_ms = statistics.median(full_t)
+    return statistics.median(cand_t), statistics.median(full_t)
+
+
+def measure_cost(stages: Stages, setup: CostSetup, seed: int = 0) -> CostResult:
+    """Measure one pipeline's cost (see the module docstring)."""
+    from kvtune.strategies import build
+
+    spec, ctx, dtype, dev = setup.spec, setup.context_tokens, setup.dtype, setup.device
+    sel = stages.selector
+    # Bytes: stores encoded in the target KV dtype. Timing: the same stores in the compute dtype, which is the
+    # target dtype on a GPU and float32 on a CPU (CPUs emulate fp16 arithmetic; timing it would measure that).
+    compute_dtype = dtype if dev.startswith("cuda") else torch.float32
+    k, v = _random_kv(spec, ctx, dtype, dev, seed)
+    kc, vc = (k, v) if compute_dtype == dtype else (k.to(compute_dtype), v.to(compute_dtype))
+    fp16 = build("codec", "fp16", {})
+    full_layer_bytes = _filled(fp16, k, v, ctx).nbytes()
+    full_timed = _filled(fp16, kc, vc, ctx)
+    q = torch.randn((1, spec.q_heads, spec.head_dim), generator=torch.Generator().manual_seed(seed + 1))
+    q = q.to(dev, compute_dtype)
+    scale = spec.head_dim**-0.5
+    probs = sel is not None and sel.decode_time
+    timer = _timer(dev)
+    total_bytes = 0
+    total_ms = 0.0
+    full_ms = 0.0
+    for kept, layer_codec, count in layer_groups(stages, spec, ctx):
+        total_bytes += count * _filled(layer_codec, k, v, kept).nbytes()
+        store = _filled(layer_codec, kc, vc, kept)
+        cand, full = _median_pair(timer, lambda: store.attend(q, scale, return_probs=probs),  # noqa: B023
+                                  lambda: full_timed.attend(q, scale), setup)
+        total_ms += count * cand
+        full_ms += count * full
+    layer_ms = total_ms / spec.layers
+    layer_bytes = total_bytes / spec.layers
+    full_layer_ms = full_ms / spec.layers
 
     bytes_per_token = spec.layers * layer_bytes / ctx
     full_bpt = spec.layers * full_layer_bytes / ctx
@@ -134,8 +165,12 @@ def measure_cost(stages: Stages, setup: CostSetup, seed: int = 0) -> CostResult:
     transfer_ms = 0.0
     if gpu_share < 1.0:
         if setup.link_gbps:
+            link = setup.link_gbps
+            if getattr(stages.placement, "tier", "cpu") == "disk" and setup.disk_gbps:
+                link = min(link, setup.disk_gbps)
+                notes.append(f"disk tier read at {setup.disk_gbps:g} GB/s (profile)")
             offloaded_per_layer = layer_bytes * (1.0 - gpu_share)
-            transfer_ms = spec.layers * stages.placement.exposed_transfer_ms(offloaded_per_layer, setup.link_gbps, layer_ms)
+            transfer_ms = spec.layers * stages.placement.exposed_transfer_ms(offloaded_per_layer, link, layer_ms)
             notes.append(f"offload copy at {setup.link_gbps:g} GB/s host-to-device ({setup.link_source})")
         else:
             notes.append("no host-to-device rate known: offload transfer time not charged")

@@ -29,7 +29,6 @@ from kvtune.quality import EvalConfig, EvalSet, evaluate_quality
 from kvtune.runtime import Stages
 from kvtune.scenarios import Scenario
 from kvtune.strategies import AXES, NONE
-from kvtune.strategies.base import budget_tokens
 
 ATTR_PIPELINE = "pipeline"
 ATTR_REASON = "infeasible"
@@ -55,9 +54,11 @@ def suggest_pipeline(trial: Any, scenario: Scenario) -> Pipeline:
 def precheck(stages: Stages, cost: CostSetup) -> str | None:
     """Why this candidate cannot work at all (without running it), or None."""
     spec, ctx = cost.spec, cost.context_tokens
-    kept = budget_tokens(stages.selector.budget, ctx) if stages.selector is not None else ctx
-    dtype = cost.dtype
-    per_seq = spec.layers * stages.codec.analytic_nbytes(1, spec.kv_heads, kept, spec.head_dim, dtype)
+    sel, codec = stages.selector, stages.codec
+    per_seq = 0
+    for i in range(spec.layers):
+        kept = sel.layer_keep(ctx, i, spec.layers) if sel is not None else ctx
+        per_seq += codec.layer_nbytes(i, spec.layers, 1, spec.kv_heads, kept, spec.head_dim, cost.dtype)
     on_gpu = per_seq * stages.placement.gpu_fraction_held()
     if on_gpu > cost.memory_budget_bytes:
         return (f"one sequence of {ctx} tokens needs {on_gpu / 2**30:.2f} GiB of KV on the device, "

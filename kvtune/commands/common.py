@@ -37,6 +37,15 @@ def emit(data: Any, fmt: OutputFormat) -> None:
         sys.stdout.write(dump_yaml(data))
 
 
+def needs_attention_sums(method: str) -> bool:
+    """Whether a selection method needs the prompt's accumulated attention recorded at prefill (costly)."""
+    from kvtune.strategies import SELECTORS, load_plugins
+
+    load_plugins()
+    cls = SELECTORS.get(method)
+    return cls is not None and "attention_sums" in cls.needs
+
+
 @dataclass
 class Prepared:
     loaded: LoadedModel
@@ -116,7 +125,7 @@ def prepare(*, model: str | None, trust_remote_code: bool, profile: str | None, 
     if not hw.accelerator:
         notes.append(f"no accelerator in hardware '{hw.name}': the memory budget is host RAM")
     cost = CostSetup(spec=spec, context_tokens=ctx, memory_budget_bytes=budget, link_gbps=link,
-                     link_source=link_source, notes=notes)
+                     link_source=link_source, disk_gbps=hw.disk_read_gbps, notes=notes)
     cfg = EvalConfig.quick() if quick else EvalConfig()
     cfg.seed = seed
     started = time.perf_counter()

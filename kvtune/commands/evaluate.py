@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from kvtune import __version__
-from kvtune.commands.common import OutputFormat, emit, prepare, stderr
+from kvtune.commands.common import OutputFormat, emit, needs_attention_sums, prepare, stderr
 from kvtune.errors import UserError
 from kvtune.io import atomic_write_text, check_writable
 from kvtune.pipeline import Provenance, load_pipeline, utc_now
@@ -41,7 +41,7 @@ def evaluate(
         check_writable(output, overwrite=force)
         if output.resolve() == pipeline.resolve() and not force:
             raise UserError(f"-o {output}: is the input pipeline; pass --force to replace it with the measured copy")
-    needs_sums = given.selection.method == "h2o"
+    needs_sums = needs_attention_sums(given.selection.method)
     prep = prepare(model=model, trust_remote_code=trust_remote_code, profile=profile, hardware=hardware,
                    target=target, context=context, quick=quick, attention_sums=needs_sums, seed=seed)
     ctx = SearchContext(model=prep.loaded.model, evalset=prep.evalset, eval_config=prep.eval_config,

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kvtune import __version__
-from kvtune.commands.common import OutputFormat, emit, prepare, stderr
+from kvtune.commands.common import OutputFormat, emit, needs_attention_sums, prepare, stderr
 from kvtune.errors import UserError
 from kvtune.io import atomic_write_text, check_writable
 from kvtune.pipeline import Pipeline, Provenance, utc_now
@@ -75,7 +75,7 @@ def recommend(
         targets = parse_targets([export])
     from kvtune.search import SearchContext, choose, redact_url, run_study
 
-    needs_sums = any(m == "h2o" for m in scen.selection)
+    needs_sums = any(needs_attention_sums(m) for m in scen.selection)
     prep = prepare(model=model, trust_remote_code=trust_remote_code, profile=profile, hardware=hardware,
                    target=target, context=context, quick=quick, attention_sums=needs_sums, seed=seed)
     if not prep.offload_possible and "offload" in scen.placements:

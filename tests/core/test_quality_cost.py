@@ -69,3 +69,17 @@ def test_cost_bytes_capacity_and_transfer():
     assert off.capacity_seqs == 4 * full.capacity_seqs
     assert off.transfer_ms >= 0.0 and any("25 GB/s" in n for n in off.notes)
     assert all(c.decode_latency_ms > 0 for c in (full, half, kivi, off))
+
+
+def test_cost_sums_layers_that_differ():
+    """Per-layer codecs (mixed) and per-layer budgets (PyramidKV) are priced layer by layer."""
+    setup = _setup()
+    full = measure_cost(Stages.of(Pipeline()), setup)
+    kivi = measure_cost(Stages.of(Pipeline(codec=Stage(method="kivi", params={"bits": 4}))), setup)
+    mixed = measure_cost(Stages.of(Pipeline(codec=Stage(
+        method="mixed", params={"edge": "fp16", "middle": "kivi4", "edge_layers": 1}))), setup)
+    # 4 layers: the first and the last uncompressed, the two in between KIVI-4
+    assert mixed.bytes_per_token == pytest.approx((2 * full.bytes_per_token + 2 * kivi.bytes_per_token) / 4)
+    snap = measure_cost(Stages.of(Pipeline(selection=Stage(method="snapkv", params={"budget": 0.25}))), setup)
+    pyramid = measure_cost(Stages.of(Pipeline(selection=Stage(method="pyramidkv", params={"budget": 0.25}))), setup)
+    assert pyramid.bytes_per_token == pytest.approx(snap.bytes_per_token)  # same total, redistributed
