@@ -187,6 +187,11 @@ class Store(ABC):
     append, ``keep`` between appends. A store belongs to one layer of one cache and is not thread-safe.
     """
 
+    # Attributes holding transient decoded copies (memoized so a forward pass does not dequantize unchanged
+    # tokens again). They are not the stored form: nbytes() leaves them out, as a fused kernel never
+    # materializes them.
+    working_buffers: ClassVar[tuple[str, ...]] = ()
+
     @abstractmethod
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Add tokens: keys/values (B, H, T, D) in full precision."""

@@ -7,42 +7,19 @@ from typing import Any, ClassVar
 
 import torch
 
-from kvtune.kernels.quant import concat_tokens, dequantize_fp8, fp8_nbytes, quantize_fp8
+from kvtune.kernels.quant import dequantize_fp8, fp8_nbytes, quantize_fp8
 from kvtune.strategies.base import Codec, Store
+from kvtune.strategies.per_token import PerTokenStore
 
 
-class Fp8Store(Store):
+class Fp8Store(PerTokenStore):
     def __init__(self, fmt: str, scale: str) -> None:
-        self.fmt, self.scale = fmt, scale
-        self.k = None
-        self.v = None
-        self.tokens = 0
-
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        kq = quantize_fp8(keys, fmt=self.fmt, scale_axis=self.scale)
-        vq = quantize_fp8(values, fmt=self.fmt, scale_axis=self.scale)
-        self.k = kq if self.k is None else concat_tokens([self.k, kq])
-        self.v = vq if self.v is None else concat_tokens([self.v, vq])
-        self.tokens += keys.shape[-2]
-
-    def decoded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return dequantize_fp8(self.k), dequantize_fp8(self.v)
+        super().__init__(lambda x: quantize_fp8(x, fmt=fmt, scale_axis=scale), dequantize_fp8)
 
     def attend(self, query: torch.Tensor, scale: float, return_probs: bool = False):
         from kvtune.kernels.decode_attention import decode_attention_fp8
 
         return decode_attention_fp8(query, self.k, self.v, scale=scale, return_probs=return_probs)
-
-    def keep(self, idx: torch.Tensor) -> None:
-        self.k = self.k.index_select_tokens(idx)
-        self.v = self.v.index_select_tokens(idx)
-        self.tokens = idx.shape[-1]
-
-    def nbytes(self) -> int:
-        return self.k.nbytes() + self.v.nbytes()
-
-    def __len__(self) -> int:
-        return self.tokens
 
 
 @dataclass

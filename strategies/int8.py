@@ -7,41 +7,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from kvtune.kernels.quant import concat_tokens, dequantize_int, int_nbytes, quantize_int
+from kvtune.kernels.quant import dequantize_int, int_nbytes, quantize_int
 from kvtune.strategies.base import Codec, Store
-
-
-class Int8Store(Store):
-    def __init__(self, group_size: int) -> None:
-        self.group_size = group_size
-        self.k = None
-        self.v = None
-        self.tokens = 0
-        self.dtype: torch.dtype | None = None
-
-    def _q(self, x: torch.Tensor):
-        return quantize_int(x, bits=8, group_size=min(self.group_size, x.shape[-1]), axis="channel")
-
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self.dtype = keys.dtype
-        kq, vq = self._q(keys), self._q(values)
-        self.k = kq if self.k is None else concat_tokens([self.k, kq])
-        self.v = vq if self.v is None else concat_tokens([self.v, vq])
-        self.tokens += keys.shape[-2]
-
-    def decoded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return dequantize_int(self.k), dequantize_int(self.v)
-
-    def keep(self, idx: torch.Tensor) -> None:
-        self.k = self.k.index_select_tokens(idx)
-        self.v = self.v.index_select_tokens(idx)
-        self.tokens = idx.shape[-1]
-
-    def nbytes(self) -> int:
-        return self.k.nbytes() + self.v.nbytes()
-
-    def __len__(self) -> int:
-        return self.tokens
+from kvtune.strategies.per_token import PerTokenStore
 
 
 @dataclass
@@ -66,7 +34,9 @@ class Int8(Codec):
             raise ValueError(f"group_size must be one of 16, 32, 64, 128, got {self.group_size}")
 
     def new_store(self) -> Store:
-        return Int8Store(self.group_size)
+        group = self.group_size
+        return PerTokenStore(
+            lambda x: quantize_int(x, bits=8, group_size=min(group, x.shape[-1]), axis="channel"), dequantize_int)
 
     def analytic_nbytes(self, batch: int, heads: int, tokens: int, head_dim: int, dtype: torch.dtype) -> int:
         g = min(self.group_size, head_dim)

@@ -24,6 +24,8 @@ def kivi_split(tokens: int, group_size: int, residual: int) -> tuple[int, int]:
 
 
 class KiviStore(Store):
+    working_buffers = ("_deq",)
+
     def __init__(self, bits: int, group_size: int, residual: int) -> None:
         self.bits, self.group_size, self.residual = bits, group_size, residual
         self.kq = None  # QuantizedTensor, axis="token": (B, H, Nq, D) in groups of G tokens per channel
@@ -32,6 +34,7 @@ class KiviStore(Store):
         self.v_res: torch.Tensor | None = None
         self.n_quantized = 0
         self.n_residual = 0
+        self._deq: tuple[torch.Tensor, torch.Tensor] | None = None  # decoded quantized part, until it changes
 
     def _flush(self, force: bool = False) -> None:
         if self.n_residual < self.residual and not force:
@@ -43,6 +46,8 @@ class KiviStore(Store):
         gv = min(self.group_size, k_new.shape[-1])
         kq = quantize_int(k_new, bits=self.bits, group_size=self.group_size, axis="token")
         vq = quantize_int(v_new, bits=self.bits, group_size=gv, axis="channel")
+        self._deq = None if self._deq is None else (
+            torch.cat([self._deq[0], dequantize_int(kq)], dim=-2), torch.cat([self._deq[1], dequantize_int(vq)], dim=-2))
         self.kq = kq if self.kq is None else concat_tokens([self.kq, kq])
         self.vq = vq if self.vq is None else concat_tokens([self.vq, vq])
         self.k_res, self.v_res = self.k_res[:, :, n:].contiguous(), self.v_res[:, :, n:].contiguous()
@@ -58,8 +63,10 @@ class KiviStore(Store):
     def decoded(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kq is None:
             return self.k_res, self.v_res
-        k = torch.cat([dequantize_int(self.kq), self.k_res], dim=-2)
-        v = torch.cat([dequantize_int(self.vq), self.v_res], dim=-2)
+        if self._deq is None:  # memoized between flushes: only new groups are dequantized (nbytes excludes it)
+            self._deq = (dequantize_int(self.kq), dequantize_int(self.vq))
+        k = torch.cat([self._deq[0], self.k_res], dim=-2)
+        v = torch.cat([self._deq[1], self.v_res], dim=-2)
         return k, v
 
     def attend(self, query: torch.Tensor, scale: float, return_probs: bool = False):

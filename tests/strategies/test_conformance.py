@@ -200,8 +200,9 @@ def held_bytes(obj, seen=None) -> int:
         return sum(held_bytes(getattr(obj, f.name), seen) for f in dataclasses.fields(obj))
     if isinstance(obj, (list, tuple)):
         return sum(held_bytes(x, seen) for x in obj)
-    if isinstance(obj, Store):
-        return sum(held_bytes(v, seen) for k, v in vars(obj).items() if k != "codec")
+    if isinstance(obj, Store):  # declared working buffers (memoized decoded views) are not the stored form
+        skip = {"codec", *type(obj).working_buffers}
+        return sum(held_bytes(v, seen) for k, v in vars(obj).items() if k not in skip)
     return 0
 
 
