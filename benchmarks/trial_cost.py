@@ -36,19 +36,21 @@ PIPELINES = [
 
 
 def naive_trial(model, evalset: EvalSet, pipeline: Pipeline, cfg: EvalConfig) -> float:
-    """Re-prefill every prompt with the candidate's cache, then run the same scored tokens."""
+    """Re-prefill every prompt with the candidate's cache, then run the same scored tokens, batched the same
+    way as the reused trial (equal-length prompts together), so re-prefilling is the only difference."""
     started = time.perf_counter()
     stages = Stages.of(pipeline)
-    for item in evalset.text:
-        cache = KVCache(stages, model.config.num_hidden_layers)
-        model(input_ids=item.record.input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        feed = item.continuation[:, :-1]
+    layers = model.config.num_hidden_layers
+    for batch in evalset.text_batches:
+        cache = KVCache(stages, layers)
+        model(input_ids=batch.record.input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        feed = batch.continuation[:, :-1]
         for start in range(0, feed.shape[1], cfg.chunk):
             model(input_ids=feed[:, start : start + cfg.chunk], past_key_values=cache, use_cache=True)
-    for probe in evalset.probes:
-        cache = KVCache(stages, model.config.num_hidden_layers)
-        model(input_ids=probe.record.input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        model(input_ids=probe.answer[:-1].view(1, -1), past_key_values=cache, use_cache=True)
+    for batch in evalset.probe_batches:  # the items the full cache answers, as in the reused trial
+        cache = KVCache(stages, layers)
+        model(input_ids=batch.record.input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=batch.answers[:, :-1], past_key_values=cache, use_cache=True)
     return time.perf_counter() - started
 
 

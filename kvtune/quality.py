@@ -16,7 +16,7 @@ The evaluation set (built once per study, "prefill once, compress many"):
   key. Small models fail this even with the full cache.
 
 A probe item counts only if the full cache answers it: ``probe_retention`` is the fraction of those items the
-candidate also answers. The search objective is ``quality_loss = kl_mean + (1 - probe_retention)``.
+candidate also answers. Items the full cache fails are not run for candidates (they are scored as misses). The search objective is ``quality_loss = kl_mean + (1 - probe_retention)``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 
 from kvtune.pipeline import Pipeline, QualityResult
-from kvtune.runtime import KVCache, PrefillRecord, Stages, prefill_record
+from kvtune.runtime import KVCache, LayerRecord, PrefillRecord, Stages, prefill_record
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
@@ -41,7 +41,7 @@ class EvalConfig:
     text_prompts: int = 3
     context_tokens: int = 1536
     continuation_tokens: int = 64
-    chunk: int = 16
+    chunk: int = 32
     passkey_items: int = 8
     passkey_tokens: int = 1536
     kv_items: int = 2
@@ -59,7 +59,6 @@ class EvalConfig:
 class TextItem:
     record: PrefillRecord
     continuation: torch.Tensor  # (1, C) token ids
-    ref_logprobs: torch.Tensor  # (C, V) full-cache log-probs at each continuation position
 
 
 @dataclass
@@ -71,14 +70,52 @@ class ProbeItem:
 
 
 @dataclass
+class TextBatch:
+    """Text items of equal lengths, run as one batch: records merged along the batch axis."""
+
+    record: PrefillRecord  # (B, T)
+    continuation: torch.Tensor  # (B, C)
+    ref_logprobs: torch.Tensor  # (B, C, V): full-cache log-probs at each continuation position
+
+
+@dataclass
+class ProbeBatch:
+    kinds: list[str]
+    record: PrefillRecord  # (B, T)
+    answers: torch.Tensor  # (B, A)
+
+
+@dataclass
 class EvalSet:
     text: list[TextItem] = field(default_factory=list)
     probes: list[ProbeItem] = field(default_factory=list)
+    text_batches: list[TextBatch] = field(default_factory=list)
+    probe_batches: list[ProbeBatch] = field(default_factory=list)  # only items the full cache answers
     prefill_seconds: float = 0.0
 
     @property
     def context_lengths(self) -> list[int]:
         return [it.record.tokens for it in self.text] + [it.record.tokens for it in self.probes]
+
+
+def merge_records(records: list[PrefillRecord]) -> PrefillRecord:
+    """Stack prefill records of equal length along the batch axis (every tensor is per batch row)."""
+    if len(records) == 1:
+        return records[0]
+    layers = []
+    for parts in zip(*(r.layers for r in records)):
+        sums = None if any(p.attention_sums is None for p in parts) else torch.cat([p.attention_sums for p in parts])
+        layers.append(LayerRecord(torch.cat([p.keys for p in parts]), torch.cat([p.values for p in parts]),
+                                  torch.cat([p.window_queries for p in parts]), sums, parts[0].scaling))
+    return PrefillRecord(input_ids=torch.cat([r.input_ids for r in records]),
+                         last_logits=torch.cat([r.last_logits for r in records]), layers=layers)
+
+
+def _groups(items: list, key) -> list[list]:
+    out: dict[Any, list] = {}
+    for it in items:
+        out.setdefault(key(it), []).append(it)
+    return list(out.values())
 
 
 def pydoc_text() -> str:
@@ -153,10 +190,7 @@ def build_eval_set(model: Any, tokenizer: Any, config: EvalConfig, *, attention_
                 break
             note(f"prefill text {i + 1}/{config.text_prompts} ({config.context_tokens} tokens)")
             record = prefill_record(model, piece[:, : config.context_tokens], attention_sums=attention_sums)
-            cont = piece[:, config.context_tokens :]
-            item = TextItem(record, cont, torch.empty(0))
-            item.ref_logprobs = continuation_logprobs(model, item, full_stages(), config.chunk)
-            out.text.append(item)
+            out.text.append(TextItem(record, piece[:, config.context_tokens :]))
     rng = random.Random(config.seed)
     for i in range(config.passkey_items):
         key = str(rng.randrange(10000, 100000))
@@ -170,8 +204,21 @@ def build_eval_set(model: Any, tokenizer: Any, config: EvalConfig, *, attention_
         note(f"prefill kv-retrieval {i + 1}/{config.kv_items} ({len(prompt)} tokens)")
         record = prefill_record(model, torch.tensor([prompt]), attention_sums=attention_sums)
         out.probes.append(ProbeItem("kv_retrieval", record, torch.tensor(answer)))
-    for item in out.probes:
-        item.full_correct = probe_correct(model, item, full_stages(), config.chunk)
+    # equal-length items run as one batch: one forward serves them all (the weights are read once)
+    identity = full_stages()
+    for group in _groups(out.text, lambda it: (it.record.tokens, it.continuation.shape[1])):
+        record = merge_records([it.record for it in group])
+        cont = torch.cat([it.continuation for it in group])
+        ref = batch_logprobs(model, record, cont, identity, config.chunk)
+        out.text_batches.append(TextBatch(record, cont, ref))
+    for group in _groups(out.probes, lambda it: (it.record.tokens, it.answer.shape[0])):
+        ok = batch_probe_correct(model, merge_records([it.record for it in group]),
+                                 torch.stack([it.answer for it in group]), identity, config.chunk)
+        for it, good in zip(group, ok):
+            it.full_correct = good
+    for group in _groups([p for p in out.probes if p.full_correct], lambda it: (it.record.tokens, it.answer.shape[0])):
+        out.probe_batches.append(ProbeBatch([it.kind for it in group], merge_records([it.record for it in group]),
+                                            torch.stack([it.answer for it in group])))
     out.prefill_seconds = time.perf_counter() - started
     return out
 
@@ -180,34 +227,30 @@ def full_stages() -> Stages:
     return Stages.of(Pipeline())
 
 
-def continuation_logprobs(model: Any, item: TextItem, stages: Stages, chunk: int, seed: int = 0) -> torch.Tensor:
-    """Log-probs (C, V) at each continuation position: the first from the prompt's prefill logits (computed
+def batch_logprobs(model: Any, record: PrefillRecord, continuation: torch.Tensor, stages: Stages, chunk: int,
+                   seed: int = 0) -> torch.Tensor:
+    """Log-probs (B, C, V) at each continuation position: the first from the prompt's prefill logits (computed
     with the full cache, as in serving), the rest from teacher-forced chunks over the compressed cache."""
-    cache = KVCache.from_record(item.record, stages, seed=seed)
-    cont = item.continuation
-    rows = [item.record.last_logits[0].log_softmax(-1)]
-    feed = cont[:, :-1]  # the last continuation token predicts nothing we score
-    for start in range(0, feed.shape[1], chunk):
-        piece = feed[:, start : start + chunk]
-        logits = model(input_ids=piece, past_key_values=cache, use_cache=True).logits[0].float()
-        rows.append(logits.log_softmax(-1))
-    return torch.cat([r.view(-1, r.shape[-1]) for r in rows], dim=0)
-
-
-def probe_correct(model: Any, item: ProbeItem, stages: Stages, chunk: int, seed: int = 0) -> bool:
-    """Would greedy decoding produce ``item.answer`` under this pipeline? (teacher forced, exact)"""
-    answer = item.answer
-    if int(item.record.last_logits[0].argmax()) != int(answer[0]):
-        return False
-    if answer.shape[0] == 1:
-        return True
-    cache = KVCache.from_record(item.record, stages, seed=seed)
-    feed = answer[:-1].view(1, -1)
-    preds = []
+    cache = KVCache.from_record(record, stages, seed=seed)
+    rows = [record.last_logits.log_softmax(-1).unsqueeze(1)]  # (B, 1, V)
+    feed = continuation[:, :-1]  # the last continuation token predicts nothing we score
     for start in range(0, feed.shape[1], chunk):
         logits = model(input_ids=feed[:, start : start + chunk], past_key_values=cache, use_cache=True).logits
-        preds.append(logits[0].argmax(-1))
-    return bool(torch.equal(torch.cat(preds), answer[1:]))
+        rows.append(logits.float().log_softmax(-1))
+    return torch.cat(rows, dim=1)
+
+
+def batch_probe_correct(model: Any, record: PrefillRecord, answers: torch.Tensor, stages: Stages, chunk: int,
+                        seed: int = 0) -> list[bool]:
+    """Per row: would greedy decoding produce ``answers[row]`` under this pipeline? (teacher forced, exact)"""
+    ok = record.last_logits.argmax(-1) == answers[:, 0]  # (B,)
+    if answers.shape[1] > 1 and bool(ok.any()):
+        cache = KVCache.from_record(record, stages, seed=seed)
+        feed = answers[:, :-1]
+        preds = [model(input_ids=feed[:, a : a + chunk], past_key_values=cache, use_cache=True).logits.argmax(-1)
+                 for a in range(0, feed.shape[1], chunk)]
+        ok &= (torch.cat(preds, dim=1) == answers[:, 1:]).all(dim=1)
+    return [bool(x) for x in ok]
 
 
 def evaluate_quality(model: Any, evalset: EvalSet, pipeline: Pipeline | Stages, config: EvalConfig,
@@ -219,21 +262,24 @@ def evaluate_quality(model: Any, evalset: EvalSet, pipeline: Pipeline | Stages, 
     nll_cand = 0.0
     nll_full = 0.0
     n = 0
-    for item in evalset.text:
-        cand = continuation_logprobs(model, item, stages, config.chunk, seed)
-        ref = item.ref_logprobs
-        kl = (ref.exp() * (ref - cand)).sum(-1).clamp_min(0.0)  # (C,)
-        kls.append(kl)
+    for batch in evalset.text_batches:
+        cand = batch_logprobs(model, batch.record, batch.continuation, stages, config.chunk, seed)  # (B, C, V)
+        ref = batch.ref_logprobs
+        kls.append((ref.exp() * (ref - cand)).sum(-1).clamp_min(0.0).flatten())  # (B*C,)
         agree += int((ref.argmax(-1) == cand.argmax(-1)).sum())
-        target = item.continuation[0]
-        nll_cand -= float(cand.gather(1, target.view(-1, 1)).sum())
-        nll_full -= float(ref.gather(1, target.view(-1, 1)).sum())
-        n += target.shape[0]
+        target = batch.continuation.unsqueeze(-1)  # (B, C, 1)
+        nll_cand -= float(cand.gather(2, target).sum())
+        nll_full -= float(ref.gather(2, target).sum())
+        n += batch.continuation.numel()
     kl_all = torch.cat(kls) if kls else torch.zeros(1)
     by_kind: dict[str, list[tuple[bool, bool]]] = {}
-    for probe in evalset.probes:
-        ok = probe_correct(model, probe, stages, config.chunk, seed)
-        by_kind.setdefault(probe.kind, []).append((probe.full_correct, ok))
+    for batch in evalset.probe_batches:  # items the full cache answers
+        oks = batch_probe_correct(model, batch.record, batch.answers, stages, config.chunk, seed)
+        for kind, ok in zip(batch.kinds, oks):
+            by_kind.setdefault(kind, []).append((True, ok))
+    for probe in evalset.probes:  # an item the full cache fails cannot count: a miss, not run
+        if not probe.full_correct:
+            by_kind.setdefault(probe.kind, []).append((False, False))
     counted = [(f, c) for items in by_kind.values() for f, c in items if f]
     retention = (sum(c for _f, c in counted) / len(counted)) if counted else None
 
