@@ -57,16 +57,18 @@ class EvalConfig:
 
 @dataclass
 class TextItem:
-    record: PrefillRecord
+    record: PrefillRecord | None  # dropped once merged into a batch (the batch holds the tensors)
     continuation: torch.Tensor  # (1, C) token ids
+    tokens: int = 0
 
 
 @dataclass
 class ProbeItem:
     kind: str  # "passkey" | "kv_retrieval"
-    record: PrefillRecord
+    record: PrefillRecord | None  # dropped once merged into a batch
     answer: torch.Tensor  # (A,) token ids of the expected answer
     full_correct: bool = False
+    tokens: int = 0
 
 
 @dataclass
@@ -95,7 +97,7 @@ class EvalSet:
 
     @property
     def context_lengths(self) -> list[int]:
-        return [it.record.tokens for it in self.text] + [it.record.tokens for it in self.probes]
+        return [it.tokens for it in self.text] + [it.tokens for it in self.probes]
 
 
 def merge_records(records: list[PrefillRecord]) -> PrefillRecord:
@@ -219,6 +221,8 @@ def build_eval_set(model: Any, tokenizer: Any, config: EvalConfig, *, attention_
     for group in _groups([p for p in out.probes if p.full_correct], lambda it: (it.record.tokens, it.answer.shape[0])):
         out.probe_batches.append(ProbeBatch([it.kind for it in group], merge_records([it.record for it in group]),
                                             torch.stack([it.answer for it in group])))
+    for it in [*out.text, *out.probes]:  # the batches hold the tensors now; keep one copy in memory
+        it.tokens, it.record = it.record.tokens, None
     out.prefill_seconds = time.perf_counter() - started
     return out
 
