@@ -43,6 +43,7 @@ class CostSetup:
     link_gbps: float | None = None  # host-to-device rate for offload
     link_source: str = "none"
     disk_gbps: float | None = None  # sequential read rate of the offload directory (profile), for tier=disk
+    host_budget_bytes: int | None = None  # host RAM an offload tier may use (profile), None = unbounded
     device: str = "cpu"
     repeats: int = 7
     warmup: int = 1
@@ -158,6 +159,12 @@ def measure_cost(stages: Stages, setup: CostSetup, seed: int = 0) -> CostResult:
     gpu_share = stages.placement.gpu_fraction_held()
     per_seq_gpu = bytes_per_token * ctx * gpu_share
     capacity = int(setup.memory_budget_bytes // per_seq_gpu) if per_seq_gpu > 0 else 0
+    if gpu_share < 1.0:  # the offloaded share must fit the host tier as well
+        host = getattr(stages.placement, "host_bytes", 0) or (
+            setup.host_budget_bytes if getattr(stages.placement, "tier", "cpu") == "cpu" else None)
+        per_seq_host = bytes_per_token * ctx * (1.0 - gpu_share)
+        if host and per_seq_host > 0:
+            capacity = min(capacity, int(host // per_seq_host))
     capacity_full = int(setup.memory_budget_bytes // (full_bpt * ctx))
     notes = list(setup.notes)
     if compute_dtype != dtype:

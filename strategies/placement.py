@@ -53,7 +53,8 @@ class Offload(Placement):
     disk, so the copy runs at ``min(link, disk_gbps)``; ``disk_gbps`` defaults to a PCIe 4.0 NVMe datasheet
     sequential-read figure (7 GB/s), not a measurement; a profile's measured disk rate should be passed in.
     Parameters: ``tier`` cpu|disk; ``gpu_fraction`` 0.05..0.95; ``block_size`` 16|32|64|128 tokens;
-    ``prefetch_depth`` 1..4 layers; ``disk_gbps`` > 0 (disk tier only).
+    ``prefetch_depth`` 1..4 layers; ``disk_gbps`` > 0 (disk tier only); ``host_bytes`` >= 0, the host (or disk)
+    space for the offloaded share, which bounds capacity too (0: the host's available RAM, disk: unbounded).
     """
 
     name: ClassVar[str] = "offload"
@@ -65,6 +66,7 @@ class Offload(Placement):
     block_size: int = 32
     prefetch_depth: int = 1
     disk_gbps: float = 7.0
+    host_bytes: int = 0  # host memory (or disk) reserved for the offloaded KV; 0 = whatever the host has
 
     def __post_init__(self) -> None:
         if self.tier not in ("cpu", "disk"):
@@ -75,6 +77,8 @@ class Offload(Placement):
             raise ValueError(f"block_size must be one of 16, 32, 64, 128, got {self.block_size}")
         if not 1 <= self.prefetch_depth <= 4:
             raise ValueError(f"prefetch_depth must be in 1..4, got {self.prefetch_depth}")
+        if isinstance(self.host_bytes, bool) or not isinstance(self.host_bytes, int) or self.host_bytes < 0:
+            raise ValueError(f"host_bytes must be a whole number of bytes >= 0, got {self.host_bytes!r}")
         if isinstance(self.disk_gbps, bool) or not isinstance(self.disk_gbps, (int, float)) or self.disk_gbps <= 0:
             raise ValueError(f"disk_gbps must be a positive number (GB/s), got {self.disk_gbps!r}")
 

@@ -125,7 +125,9 @@ def prepare(*, model: str | None, trust_remote_code: bool, profile: str | None, 
     if not hw.accelerator:
         notes.append(f"no accelerator in hardware '{hw.name}': the memory budget is host RAM")
     cost = CostSetup(spec=spec, context_tokens=ctx, memory_budget_bytes=budget, link_gbps=link,
-                     link_source=link_source, disk_gbps=hw.disk_read_gbps, notes=notes)
+                     link_source=link_source, disk_gbps=hw.disk_read_gbps,
+                     host_budget_bytes=int(hw.cpu_ram_available_bytes * 0.9) if hw.cpu_ram_available_bytes else None,
+                     notes=notes)
     cfg = EvalConfig.quick() if quick else EvalConfig()
     cfg.seed = seed
     started = time.perf_counter()

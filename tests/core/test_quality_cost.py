@@ -67,6 +67,10 @@ def test_cost_bytes_capacity_and_transfer():
     assert kivi.compression_ratio > 3.0
     off = measure_cost(Stages.of(Pipeline(placement=Stage(method="offload", params={"gpu_fraction": 0.25}))), setup)
     assert off.capacity_seqs == 4 * full.capacity_seqs
+    seq = 2048 * full.bytes_per_token  # bytes of one full sequence
+    small_host = measure_cost(Stages.of(Pipeline(placement=Stage(
+        method="offload", params={"gpu_fraction": 0.25, "host_bytes": int(3 * 0.75 * seq)}))), setup)
+    assert small_host.capacity_seqs == 3  # the host tier holds the offloaded 75% of only three sequences
     assert off.transfer_ms >= 0.0 and any("25 GB/s" in n for n in off.notes)
     assert all(c.decode_latency_ms > 0 for c in (full, half, kivi, off))
 
