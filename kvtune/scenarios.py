@@ -38,7 +38,8 @@ class Scenario:
     prefer: str  # a key of PREFERENCES
     prefix_caching: bool = True
     why: str = ""
-    advice: tuple[str, ...] = field(default=())  # model-level advice when runtime strategies cannot meet it
+    advice: tuple[str, ...] = field(default=())
+    offload_tiers: tuple[str, ...] = ("cpu",)  # where offload may put KV; recommend sets it from the hardware
 
     def allows(self, axis: str, method: str) -> bool:
         return method in {"selection": self.selection, "codec": self.codecs, "placement": self.placements}[axis]

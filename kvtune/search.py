@@ -126,12 +126,22 @@ def pareto_front(pipelines: list[Pipeline]) -> list[Pipeline]:
     return sorted(front, key=objectives)
 
 
+def offload_hidden(p: Pipeline) -> bool:
+    """An offload placement counts only if the copy prefetch cannot hide is at most the full cache's own
+    decode-attention time (it may at most double the attention step); otherwise it trades latency for capacity
+    in a way no preference below sees."""
+    c = p.measured.cost  # type: ignore[union-attr]
+    return c.transfer_ms <= c.decode_latency_full_ms
+
+
 def choose(pipelines: list[Pipeline], scenario: Scenario) -> tuple[Pipeline | None, bool]:
-    """The scenario's pick among feasible Pareto-optimal trials: (pipeline, feasible). If nothing meets the
-    quality ceiling, the lowest-loss trial is returned with ``feasible=False``."""
+    """The scenario's pick among feasible Pareto-optimal trials: (pipeline, feasible). Feasible: quality loss
+    within the scenario's ceiling and any offload copy mostly hidden (:func:`offload_hidden`). If nothing is
+    feasible, the lowest-loss trial is returned with ``feasible=False``."""
     if not pipelines:
         return None, False
-    feasible = [p for p in pipelines if p.measured and p.measured.quality.quality_loss <= scenario.max_quality_loss + 1e-12]
+    feasible = [p for p in pipelines if p.measured and p.measured.quality.quality_loss <= scenario.max_quality_loss + 1e-12
+                and offload_hidden(p)]
     if not feasible:
         return min(pipelines, key=objectives), False
     front = pareto_front(feasible)

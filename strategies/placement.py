@@ -96,8 +96,9 @@ class Offload(Placement):
 
     @classmethod
     def search_space(cls, trial: Any, scenario: Any) -> dict[str, Any]:
+        tiers = tuple(getattr(scenario, "offload_tiers", ("cpu",)))
         return {
-            "tier": "cpu",
+            "tier": tiers[0] if len(tiers) == 1 else trial.suggest_categorical("offload.tier", list(tiers)),
             "gpu_fraction": trial.suggest_float("offload.gpu_fraction", 0.1, 0.9, step=0.1),
             "block_size": trial.suggest_categorical("offload.block_size", [32, 64]),
             "prefetch_depth": trial.suggest_int("offload.prefetch_depth", 1, 2),
@@ -105,4 +106,5 @@ class Offload(Placement):
 
     @classmethod
     def search_space_doc(cls) -> str:
-        return "gpu_fraction 0.1-0.9 (step 0.1), block_size {32, 64}, prefetch_depth 1-2, tier cpu"
+        return ("gpu_fraction 0.1-0.9 (step 0.1), block_size {32, 64}, prefetch_depth 1-2, tier cpu "
+                "(disk where the device memory is host RAM)")

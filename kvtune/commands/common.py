@@ -37,6 +37,9 @@ def emit(data: Any, fmt: OutputFormat) -> None:
         sys.stdout.write(dump_yaml(data))
 
 
+ASSUMED_DISK_GBPS = 2.0  # a conservative NVMe sequential read, used when no profile measured the disk
+
+
 def needs_attention_sums(method: str) -> bool:
     """Whether a selection method needs the prompt's accumulated attention recorded at prefill (costly)."""
     from kvtune.strategies import SELECTORS, load_plugins
@@ -123,6 +126,9 @@ def prepare(*, model: str | None, trust_remote_code: bool, profile: str | None, 
     link_source = "measured" if hw.source == "measured" else ("datasheet" if hw.source == "datasheet" else "none")
     notes = []
     if not hw.accelerator:
+        # the KV lives in host RAM; the tier below it is the disk, read at the profile's rate
+        link = hw.disk_read_gbps or ASSUMED_DISK_GBPS
+        link_source = "disk read, measured" if hw.disk_read_gbps else "disk read, assumed (run `kvtune profile`)"
         notes.append(f"no accelerator in hardware '{hw.name}': the memory budget is host RAM")
     cost = CostSetup(spec=spec, context_tokens=ctx, memory_budget_bytes=budget, link_gbps=link,
                      link_source=link_source, disk_gbps=hw.disk_read_gbps,

@@ -79,8 +79,9 @@ def recommend(
     prep = prepare(model=model, trust_remote_code=trust_remote_code, profile=profile, hardware=hardware,
                    target=target, context=context, quick=quick, attention_sums=needs_sums, seed=seed)
     if not prep.offload_possible and "offload" in scen.placements:
-        scen = dataclasses.replace(scen, placements=tuple(p for p in scen.placements if p != "offload"))
-        stderr.print("offload not explored: the hardware has no accelerator (try --hardware h100-pcie)")
+        scen = dataclasses.replace(scen, offload_tiers=("disk",))
+        stderr.print(f"no accelerator: the KV lives in host RAM and offload goes to disk at {prep.cost.link_gbps:g} GB/s "
+                     f"({prep.cost.link_source}); --hardware h100-pcie tunes for a GPU instead")
     name = study_name or "/".join(_slug(x) for x in (prep.loaded.name, prep.target.name, prep.hardware.name,
                                                      prep.workload.name if prep.workload else "none", scen.name,
                                                      "quick" if quick else "full"))
@@ -132,7 +133,8 @@ def recommend(
         print_measured(out, best)
     else:
         emit({"recommended": best.to_dict(), "pareto_front": [p.to_dict() for p in front],
-              "trials": len(outcome.trials), "pruned": [{"trial": n, "reason": r} for n, r in outcome.pruned]}, format)
+              "trials": len(outcome.trials), "tried": [p.label() for p in outcome.trials],
+              "pruned": [{"trial": n, "reason": r} for n, r in outcome.pruned]}, format)
     stderr.print(f"{outcome.new_trials} trials in {elapsed:.0f} s ({len(outcome.trials)} measured in the study, "
                  f"{len(outcome.pruned)} rejected before running); wrote {output}")
     if targets:

@@ -136,11 +136,15 @@ def test_evaluate_measures_a_given_pipeline(tmp_path):
 
 
 def test_same_seed_same_trials(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir()
-    b.mkdir()
-    for folder in (a, b):
-        assert run(["recommend", "--scenario", "accuracy-critical", *TINY], cwd=folder).exit_code == 0
-    pa, pb = load_pipeline(a / "kvtune-pipeline.yaml"), load_pipeline(b / "kvtune-pipeline.yaml")
-    assert pa.label() == pb.label()
-    assert pa.measured.quality == pb.measured.quality  # quality is deterministic; timings are not
+    """The same seed samples the same candidates and measures the same quality; which one wins may still
+    differ, since latency is measured (and offload feasibility depends on it)."""
+    runs = []
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        result = run(["recommend", "--scenario", "accuracy-critical", *TINY, "--format", "json"], cwd=folder)
+        assert result.exit_code == 0, result.output
+        runs.append(yaml.safe_load(result.stdout))
+    assert runs[0]["tried"] == runs[1]["tried"] and len(runs[0]["tried"]) == 3
+    losses = [{p["codec"]["method"]: p["measured"]["quality"]["quality_loss"] for p in r["pareto_front"]} for r in runs]
+    assert all(v == 0.0 for d in losses for v in d.values())  # accuracy-critical: lossless only
