@@ -13,8 +13,9 @@ dim, KV dtype) and at the workload's context length:
   the layers (one timing per group of alike layers keeps big targets within memory). The full
   cache is timed in the same run, interleaved, so the ratio is fair on a noisy machine.
 * **capacity** — sequences of the context length whose GPU-resident KV fits in the memory budget.
-* **transfer** — for offload placements: the host-to-device copy per decode step that prefetch does not hide,
-  from the hardware profile's link rate (measured on a GPU box, datasheet otherwise; the notes say which).
+* **transfer** — for offload placements: the host-to-device copy per decode step that prefetch does not hide
+  behind the full cache's attention time, from the hardware profile's link rate (measured on a GPU box,
+  datasheet otherwise; the notes say which).
 """
 
 from __future__ import annotations
@@ -177,7 +178,9 @@ def measure_cost(stages: Stages, setup: CostSetup, seed: int = 0) -> CostResult:
                 link = min(link, setup.disk_gbps)
                 notes.append(f"disk tier read at {setup.disk_gbps:g} GB/s (profile)")
             offloaded_per_layer = layer_bytes * (1.0 - gpu_share)
-            transfer_ms = spec.layers * stages.placement.exposed_transfer_ms(offloaded_per_layer, link, layer_ms)
+            # the copy hides behind attention; budget it with the full cache's attention time, not the
+            # candidate's own (a slow reference kernel would otherwise hide more copy than a real one could)
+            transfer_ms = spec.layers * stages.placement.exposed_transfer_ms(offloaded_per_layer, link, full_layer_ms)
             notes.append(f"offload copy at {setup.link_gbps:g} GB/s host-to-device ({setup.link_source})")
         else:
             notes.append("no host-to-device rate known: offload transfer time not charged")

@@ -97,6 +97,18 @@ def _check_splits(num_splits, where):
         raise ValueError(f"{where}: num_splits must be a positive int or None, got {num_splits!r}")
 
 
+def _check_common(q, hkv, t, lengths, scale, num_splits, where):
+    """The checks every decode op shares once its cache is known: heads, a non-empty cache, lengths, scale and
+    split count. Returns the validated ``lengths`` and the softmax scale."""
+    _check_heads(q.shape[1], hkv, where)
+    if t < 1:
+        raise ValueError(f"{where}: the cache holds no tokens (T = 0)")
+    lengths = _check_lengths(lengths, q.shape[0], t, q.device, where)
+    sm = _scale(scale, q.shape[2], where)
+    _check_splits(num_splits, where)
+    return lengths, sm
+
+
 # ----------------------------------------------------------------------------------------------- public
 def decode_attention(q, k, v, scale=None, lengths=None, return_probs=False, *, num_splits=None, backend=None):
     """Attention of one query per sequence over a dense fp32/fp16/bf16 cache (see the module docstring)."""
@@ -106,13 +118,7 @@ def decode_attention(q, k, v, scale=None, lengths=None, return_probs=False, *, n
     _check_kv("v", v, q, where, q.dtype)
     if k.shape != v.shape:
         raise ValueError(f"{where}: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
-    _check_heads(q.shape[1], k.shape[1], where)
-    t = k.shape[2]
-    if t < 1:
-        raise ValueError(f"{where}: the cache holds no tokens (T = 0)")
-    lengths = _check_lengths(lengths, q.shape[0], t, q.device, where)
-    sm = _scale(scale, q.shape[2], where)
-    _check_splits(num_splits, where)
+    lengths, sm = _check_common(q, k.shape[1], k.shape[2], lengths, scale, num_splits, where)
     if resolve(backend) is Backend.TRITON:
         return _launch_dense(q, k, v, None, None, 0, 0, sm, lengths, return_probs, num_splits)
     return _ref.decode_attention_ref(q, k, v, sm, lengths, return_probs)
@@ -128,13 +134,7 @@ def decode_attention_fp8(q, kf8, vf8, scale=None, lengths=None, return_probs=Fal
         _check_kv(f"{name}.data", f.data, q, where)
     if kf8.shape != vf8.shape:
         raise ValueError(f"{where}: kf8 {kf8.shape} and vf8 {vf8.shape} must have the same shape")
-    _check_heads(q.shape[1], kf8.shape[1], where)
-    t = kf8.shape[2]
-    if t < 1:
-        raise ValueError(f"{where}: the cache holds no tokens (T = 0)")
-    lengths = _check_lengths(lengths, q.shape[0], t, q.device, where)
-    sm = _scale(scale, q.shape[2], where)
-    _check_splits(num_splits, where)
+    lengths, sm = _check_common(q, kf8.shape[1], kf8.shape[2], lengths, scale, num_splits, where)
     if resolve(backend) is Backend.TRITON:
         mode = {"head": 1, "token": 2}
         return _launch_dense(
