@@ -4,9 +4,9 @@
     python benchmarks/strategies.py --fresh    # measures everything again
     python benchmarks/strategies.py --only snapkv,kivi
 
-Quality: :func:`kvtune.quality.evaluate_quality` against the full cache on one evaluation set built once
+Quality: :func:`kvtune.measure.quality.evaluate_quality` against the full cache on one evaluation set built once
 ("prefill once, compress many"; sizes in ``EVAL`` below, stated on the page). Cost: bytes per token of the
-stored form at the target KV dtype (fp16) and :func:`kvtune.cost.measure_cost`'s decode-attention latency, at
+stored form at the target KV dtype (fp16) and :func:`kvtune.measure.kernels_cost.measure_cost`'s decode-attention latency, at
 ``COST_CONTEXT`` tokens with the bundled model's shapes, on this machine's kernel path; offload transfer from
 a reference hardware profile's datasheet host link (this machine has no GPU; the page says so).
 Selection strategies run at three budgets (ratios of the context); codecs at their parameter levels.
@@ -56,7 +56,7 @@ PLACEMENTS = [("offload", {"tier": "cpu", "gpu_fraction": 0.25, "block_size": 32
 
 
 def eval_config():
-    from kvtune.quality import EvalConfig
+    from kvtune.measure.quality import EvalConfig
 
     return EvalConfig(text_prompts=2, context_tokens=1024, continuation_tokens=48, chunk=16, passkey_items=6,
                       passkey_tokens=1024, kv_items=3, kv_tokens=768, seed=0)
@@ -97,11 +97,11 @@ def stored_bytes_per_token(stages, spec, ctx: int) -> float:
 
 
 def measure_all(only: set[str] | None, fresh: bool) -> dict:
-    from kvtune.cost import CostSetup, measure_cost
+    from kvtune.measure.kernels_cost import CostSetup, measure_cost
     from kvtune.models import load_model
     from kvtune.profile.hardware import reference_hardware
-    from kvtune.quality import build_eval_set, evaluate_quality
-    from kvtune.runtime import Stages
+    from kvtune.measure.quality import build_eval_set, evaluate_quality
+    from kvtune.strategies import Stages
 
     rows = {} if fresh or not RESULTS.exists() else json.loads(RESULTS.read_text())["rows"]
     todo = [p for p in pipelines() if (fresh or p.label() not in rows)
@@ -145,10 +145,10 @@ def recost(repeats: int) -> dict:
     rows round-robin so that load from other processes spreads over all of them; keeps the median."""
     import statistics
 
-    from kvtune.cost import CostSetup, measure_cost
+    from kvtune.measure.kernels_cost import CostSetup, measure_cost
     from kvtune.modelspec import preset
     from kvtune.profile.hardware import reference_hardware
-    from kvtune.runtime import Stages
+    from kvtune.strategies import Stages
 
     data = json.loads(RESULTS.read_text())
     spec = preset("SmolLM2-135M")
@@ -199,7 +199,7 @@ def render_table(data: dict) -> str:
             f"(accuracies below are over all items). Bytes/token: the stored form at fp16 over all layers "
             f"(scales, residuals, per-layer budgets included) at {meta['cost_context']} tokens; decode attn: one "
             f"decode step's attention over all 30 layers at {meta['cost_context']} tokens on the CPU reference "
-            f"kernels (float32; `kvtune.cost.measure_cost`, median over {meta.get('latency_passes', 1)} interleaved "
+            f"kernels (float32; `kvtune.measure.kernels_cost.measure_cost`, median over {meta.get('latency_passes', 1)} interleaved "
             f"pass(es)) - relative, not a GPU figure, and noisy on a shared 2-core machine; transfer: "
             f"the offload copy per step not hidden by prefetch, computed from the {meta['hardware_link']} reference "
             f"profile's datasheet host link (this machine has no GPU, nothing was copied).")

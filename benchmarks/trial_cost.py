@@ -25,8 +25,9 @@ import torch
 
 from kvtune.models import load_model
 from kvtune.pipeline import Pipeline, Stage
-from kvtune.quality import EvalConfig, EvalSet, build_eval_set, evaluate_quality
-from kvtune.runtime import KVCache, Stages
+from kvtune.measure.quality import EvalConfig, EvalSet, build_eval_set, evaluate_quality
+from kvtune.strategies import Stages
+from kvtune.runtime import KVCache
 
 PIPELINES = [
     Pipeline(codec=Stage(method="kivi", params={"bits": 4, "group_size": 32, "residual": 64})),

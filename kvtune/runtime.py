@@ -34,7 +34,7 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvtune.pipeline import Pipeline
-from kvtune.strategies import ScoreInputs, Selector, build
+from kvtune.strategies import ScoreInputs, Selector, Stages, build
 from kvtune.strategies.base import Codec, Store, protected_topk
 from kvtune.strategies.ragged import RaggedStore
 
@@ -42,23 +42,6 @@ ATTENTION_NAME = "kvtune"
 WINDOW_MAX = 64  # prompt queries recorded for window-based selectors (SnapKV's window is <= 64)
 
 _slot = threading.local()
-
-
-@dataclass
-class Stages:
-    """A pipeline turned into strategy objects."""
-
-    selector: Selector | None
-    codec: Codec
-    placement: Any
-
-    @classmethod
-    def of(cls, pipeline: Pipeline) -> "Stages":
-        return cls(
-            selector=build("selection", pipeline.selection.method, pipeline.selection.params),  # type: ignore[arg-type]
-            codec=build("codec", pipeline.codec.method, pipeline.codec.params),  # type: ignore[arg-type]
-            placement=build("placement", pipeline.placement.method, pipeline.placement.params),
-        )
 
 
 @dataclass

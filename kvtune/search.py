@@ -22,11 +22,11 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from kvtune.cost import CostSetup, measure_cost
+from kvtune.measure.kernels_cost import CostSetup, measure_cost
 from kvtune.errors import UserError
 from kvtune.pipeline import Measured, Pipeline, Stage, Switches
-from kvtune.quality import EvalConfig, EvalSet, evaluate_quality
-from kvtune.runtime import Stages
+from kvtune.measure.quality import EvalConfig, EvalSet, evaluate_quality
+from kvtune.strategies import Stages
 from kvtune.scenarios import Scenario
 from kvtune.strategies import AXES, NONE
 

@@ -25,6 +25,7 @@ from kvtune.strategies.pyramidkv import PyramidKV
 from kvtune.strategies.random_select import Random
 from kvtune.strategies.sliding_window import SlidingWindow
 from kvtune.strategies.snapkv import SnapKV
+from kvtune.strategies.stages import Stages
 from kvtune.strategies.streaming_llm import StreamingLLM
 from kvtune.strategies.tova import TOVA
 
@@ -91,5 +92,5 @@ def codec_bytes_per_token(method: str, params: dict[str, Any], spec: Any, tokens
 
 __all__ = [
     "AXES", "CODECS", "PLACEMENTS", "SELECTORS", "NONE", "Codec", "Placement", "ScoreInputs", "Selector",
-    "Store", "Strategy", "build", "codec_bytes_per_token", "load_plugins",
+    "Stages", "Store", "Strategy", "build", "codec_bytes_per_token", "load_plugins",
 ]

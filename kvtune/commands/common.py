@@ -12,13 +12,13 @@ from typing import Any
 
 from rich.console import Console
 
-from kvtune.cost import CostSetup
+from kvtune.measure.kernels_cost import CostSetup
 from kvtune.errors import UserError
 from kvtune.io import dump_yaml
 from kvtune.models import LoadedModel, load_model
 from kvtune.modelspec import ModelSpec
 from kvtune.pipeline import HardwareInfo, ModelInfo, WorkloadInfo
-from kvtune.quality import EvalConfig, EvalSet, build_eval_set
+from kvtune.measure.quality import EvalConfig, EvalSet, build_eval_set
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 

@@ -31,7 +31,7 @@ def evaluate(
     format: Annotated[OutputFormat, typer.Option("--format", "-f", help="stdout: table, json or yaml")] = OutputFormat.table,
 ) -> None:
     """Measure one pipeline (quality against the full cache, bytes, decode latency, capacity)."""
-    from kvtune.runtime import Stages
+    from kvtune.strategies import Stages
     from kvtune.search import SearchContext, measure
     from kvtune.scenarios import get_scenario
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvtune.cost import CostSetup, measure_cost
+from kvtune.measure.kernels_cost import CostSetup, measure_cost
 from kvtune.pipeline import Pipeline, Stage
-from kvtune.quality import EvalConfig, build_eval_set, evaluate_quality, passkey_prompt
-from kvtune.runtime import Stages
+from kvtune.measure.quality import EvalConfig, build_eval_set, evaluate_quality, passkey_prompt
+from kvtune.strategies import Stages
 
 CFG = EvalConfig(text_prompts=1, context_tokens=256, continuation_tokens=24, chunk=8, passkey_items=2,
                  passkey_tokens=300, kv_items=0)

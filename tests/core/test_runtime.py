@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from kvtune.pipeline import Pipeline, Stage
-from kvtune.quality import pydoc_text
-from kvtune.runtime import KVCache, Stages, prefill_record
+from kvtune.measure.quality import pydoc_text
+from kvtune.strategies import Stages
+from kvtune.runtime import KVCache, prefill_record
 from kvtune.strategies.base import budget_tokens
 
 

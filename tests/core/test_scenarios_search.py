@@ -10,9 +10,9 @@ from kvtune.pipeline import CostResult, Measured, Pipeline, QualityResult, Stage
 from kvtune.scenarios import SCENARIOS, get_scenario
 from kvtune.search import choose, pareto_front, precheck, redact_url, suggest_pipeline
 from kvtune.strategies import AXES, NONE
-from kvtune.cost import CostSetup
+from kvtune.measure.kernels_cost import CostSetup
 from kvtune.modelspec import ModelSpec
-from kvtune.runtime import Stages
+from kvtune.strategies import Stages
 
 SURVEY = {"long-context", "minimal-change", "datacenter", "edge", "multi-turn", "prefill-heavy", "accuracy-critical"}
 

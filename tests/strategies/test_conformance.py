@@ -24,7 +24,8 @@ import torch
 
 from kvtune.kernels.quant import Fp8Tensor, QuantizedTensor
 from kvtune.pipeline import Pipeline, Stage
-from kvtune.runtime import KVCache, Stages
+from kvtune.strategies import Stages
+from kvtune.runtime import KVCache
 from kvtune.scenarios import SCENARIOS
 from kvtune.strategies import CODECS, PLACEMENTS, SELECTORS, ScoreInputs, Store, build
 from kvtune.strategies.base import budget_tokens

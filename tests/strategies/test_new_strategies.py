@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvtune.runtime import KVCache, Stages, prefill_record
+from kvtune.strategies import Stages
+from kvtune.runtime import KVCache, prefill_record
 from kvtune.strategies import ScoreInputs, build
 from kvtune.strategies.pyramidkv import pyramid_allocation
 

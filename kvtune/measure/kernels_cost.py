@@ -30,7 +30,7 @@ import torch
 
 from kvtune.modelspec import ModelSpec
 from kvtune.pipeline import CostResult
-from kvtune.runtime import Stages
+from kvtune.strategies import Stages
 from kvtune.strategies.base import budget_tokens
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

@@ -29,7 +29,8 @@ from typing import Any, Callable
 import torch
 
 from kvtune.pipeline import Pipeline, QualityResult
-from kvtune.runtime import KVCache, LayerRecord, PrefillRecord, Stages, prefill_record
+from kvtune.strategies import Stages
+from kvtune.runtime import KVCache, LayerRecord, PrefillRecord, prefill_record
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
