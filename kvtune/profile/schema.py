@@ -83,6 +83,9 @@ class HardwareProfile(_Model):
     torch_cuda_version: str | None = None  # CUDA runtime torch was built with
     # bandwidth summaries (GB/s): measured medians at the largest size, or datasheet figures
     hbm_bandwidth_gbps: float | None = None
+    # peak dense tensor-core throughput (TFLOP/s, no sparsity), datasheet; what a compute-bound step is priced at
+    peak_bf16_tflops: float | None = None
+    peak_fp16_tflops: float | None = None
     h2d_pinned_gbps: float | None = None
     d2h_pinned_gbps: float | None = None
     h2d_pageable_gbps: float | None = None
@@ -99,6 +102,7 @@ class HardwareProfile(_Model):
     cpu_ram_total_bytes: int
     cpu_ram_available_bytes: int
     cpu_memory_bandwidth_gbps: float | None = None
+    cpu_matmul_gflops: float | None = None  # measured float32 matmul rate with torch's threads (CPU targets)
     offload_dir: str | None = None
     offload_fs_type: str | None = None
     disk_free_bytes: int | None = None
