@@ -47,7 +47,7 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, *, backend=None) -> torch.
         raise ValueError(f"{where}: idx is on {idx.device}, x on {x.device}")
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= t):
         raise ValueError(f"{where}: idx values must lie in [0, {t}), got [{int(idx.min())}, {int(idx.max())}]")
-    if resolve(backend) is not Backend.TRITON or idx.numel() == 0 or w == 0:
+    if resolve(backend, x.device) is not Backend.TRITON or idx.numel() == 0 or w == 0:
         return _ref.gather_tokens_ref(x, idx)
     from . import triton as tk
 
@@ -99,7 +99,7 @@ def gather_paged(pool: torch.Tensor, table: torch.Tensor, num_tokens: int, *, ba
     if table.numel() and (int(table.min()) < -1 or int(table.max()) >= n):
         raise ValueError(f"{where}: table entries must be -1 or block ids in [0, {n}), got "
                          f"[{int(table.min())}, {int(table.max())}]")
-    if resolve(backend) is not Backend.TRITON or num_tokens == 0 or b * h * w == 0:
+    if resolve(backend, pool.device) is not Backend.TRITON or num_tokens == 0 or b * h * w == 0:
         return _ref.gather_paged_ref(pool, table, num_tokens)
     from . import triton as tk
 

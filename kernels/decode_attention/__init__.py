@@ -21,7 +21,9 @@ concatenation (``T = Tq + R``); positions ``>= lengths[b]`` are masked.
 ``decode_attention_fp8``: ``kf8, vf8`` are :class:`~kvtune.kernels.quant.Fp8Tensor` of shape ``(B, Hkv, T, D)``.
 
 All take keyword-only ``num_splits`` (split-KV factor of the Triton path; default from the GPU's size) and
-``backend`` (``auto|torch|triton`` or a :class:`~kvtune.kernels.backend.Backend`; default: resolved once).
+``backend`` (``auto|torch|triton`` or a :class:`~kvtune.kernels.backend.Backend`; default: the process request,
+``auto`` unless ``KVTUNE_KERNEL_BACKEND`` says otherwise). Dispatch follows ``q``'s device: CUDA tensors run
+Triton, CPU tensors the PyTorch reference (see :mod:`kvtune.kernels.backend`).
 Validating ``lengths`` reads it on the host (one device sync when it lives on the GPU).
 """
 
@@ -119,7 +121,7 @@ def decode_attention(q, k, v, scale=None, lengths=None, return_probs=False, *, n
     if k.shape != v.shape:
         raise ValueError(f"{where}: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
     lengths, sm = _check_common(q, k.shape[1], k.shape[2], lengths, scale, num_splits, where)
-    if resolve(backend) is Backend.TRITON:
+    if resolve(backend, q.device) is Backend.TRITON:
         return _launch_dense(q, k, v, None, None, 0, 0, sm, lengths, return_probs, num_splits)
     return _ref.decode_attention_ref(q, k, v, sm, lengths, return_probs)
 
@@ -135,7 +137,7 @@ def decode_attention_fp8(q, kf8, vf8, scale=None, lengths=None, return_probs=Fal
     if kf8.shape != vf8.shape:
         raise ValueError(f"{where}: kf8 {kf8.shape} and vf8 {vf8.shape} must have the same shape")
     lengths, sm = _check_common(q, kf8.shape[1], kf8.shape[2], lengths, scale, num_splits, where)
-    if resolve(backend) is Backend.TRITON:
+    if resolve(backend, q.device) is Backend.TRITON:
         mode = {"head": 1, "token": 2}
         return _launch_dense(
             q, kf8.data, vf8.data, kf8.scale.contiguous(), vf8.scale.contiguous(),
@@ -182,7 +184,7 @@ def decode_attention_int(
     lengths = _check_lengths(lengths, b, t, q.device, where)
     sm = _scale(scale, d, where)
     _check_splits(num_splits, where)
-    if resolve(backend) is Backend.TRITON:
+    if resolve(backend, q.device) is Backend.TRITON:
         return _launch_int(q, kq, vq, k_res, v_res, sm, lengths, return_probs, num_splits)
     return _ref.decode_attention_int_ref(q, kq, vq, k_res, v_res, sm, lengths, return_probs)
 

@@ -223,7 +223,7 @@ def quantize_int(
         raise ValueError(f"{where}: axis='channel' needs D % group_size == 0, got D={d}, group_size={group_size}")
     if (d * bits) % 8:
         raise ValueError(f"{where}: D * bits must be a multiple of 8 to pack into bytes, got D={d}, bits={bits}")
-    if resolve(backend) is Backend.TRITON and x.numel():
+    if resolve(backend, x.device) is Backend.TRITON and x.numel():
         packed, scale, zero = quantize_int_triton(x, bits, group_size, axis)
     else:
         packed, scale, zero = _ref.quantize_int_ref(x, bits, group_size, axis)
@@ -234,7 +234,7 @@ def dequantize_int(qt: QuantizedTensor, backend: str | Backend | None = None) ->
     """``(B, H, T, D)`` tensor in ``qt.dtype``: ``code * scale + zero`` per group."""
     if not isinstance(qt, QuantizedTensor):
         raise ValueError(f"dequantize_int: expected a QuantizedTensor, got {type(qt).__name__}")
-    if resolve(backend) is Backend.TRITON and qt.packed.numel():
+    if resolve(backend, qt.device) is Backend.TRITON and qt.packed.numel():
         return dequantize_int_triton(qt)
     return _ref.dequantize_int_ref(qt.packed, qt.scale, qt.zero, qt.bits, qt.group_size, qt.axis, qt.dtype)
 
@@ -251,7 +251,7 @@ def quantize_fp8(
         raise ValueError(f"{where}: fmt must be 'e4m3' or 'e5m2', got {fmt!r}")
     if scale_axis not in FP8_SCALE_AXES:
         raise ValueError(f"{where}: scale_axis must be 'head' or 'token', got {scale_axis!r}")
-    if resolve(backend) is Backend.TRITON and x.numel():
+    if resolve(backend, x.device) is Backend.TRITON and x.numel():
         data, scale = quantize_fp8_triton(x, fmt, scale_axis)
     else:
         data, scale = _ref.quantize_fp8_ref(x, fmt, scale_axis)
@@ -262,7 +262,7 @@ def dequantize_fp8(f8: Fp8Tensor, backend: str | Backend | None = None) -> torch
     """``(B, H, T, D)`` tensor in ``f8.dtype``: ``data * scale``."""
     if not isinstance(f8, Fp8Tensor):
         raise ValueError(f"dequantize_fp8: expected an Fp8Tensor, got {type(f8).__name__}")
-    if resolve(backend) is Backend.TRITON and f8.data.numel():
+    if resolve(backend, f8.device) is Backend.TRITON and f8.data.numel():
         return dequantize_fp8_triton(f8)
     return _ref.dequantize_fp8_ref(f8.data, f8.scale, f8.dtype)
 
