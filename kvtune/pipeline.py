@@ -12,23 +12,36 @@ The document is versioned (``schema_version``) and strict (``extra="forbid"``): 
 never silently ignored. It is written with ``yaml.safe_dump`` and read with ``yaml.safe_load``; a dump followed
 by a load gives back an equal object (tested).
 
-Stage ``params`` are checked against the strategy named by ``method`` when the pipeline is built into a
-runtime (:func:`kvtune.strategies.build_stage`), since third-party strategies may register more methods.
+Numbers are finite and within range at the schema level (pydantic constraints). Stage ``params`` depend on the
+strategy named by ``method`` (third-party strategies may register more), so they are checked by
+:func:`validate_pipeline`: the one entry point every command that reads a pipeline calls (``export``,
+``evaluate``, ``recommend`` when it resumes a study) before any work, and that shape checks a model needs
+(a low-rank ``rank`` above the head dim) when the model is known.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import types
+import typing
 from datetime import datetime, timezone
-from typing import Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kvtune.errors import UserError
 
-SCHEMA_VERSION = 1
+if TYPE_CHECKING:  # strategies import torch; validate_pipeline imports them when it runs
+    from kvtune.modelspec import ModelSpec
+    from kvtune.strategies import Stages
 
-ParamValue = Union[bool, int, float, str, list[int], list[str]]
+SCHEMA_VERSION = 1
+MAX_CONTEXT_TOKENS = 1 << 24  # 16,777,216: longer than any model serves; bounds every token count in a document
+MAX_TEXT = 512  # characters in a free-text field (name, model source)
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+ParamValue = Union[bool, int, FiniteFloat, Annotated[str, Field(max_length=MAX_TEXT)], list[int], list[str]]
 
 
 class _Strict(BaseModel):
@@ -38,8 +51,10 @@ class _Strict(BaseModel):
 class Stage(_Strict):
     """One stage of one axis: a registered method name and its parameters."""
 
-    method: str = Field(min_length=1, description="registered strategy name, e.g. 'snapkv', 'kivi', 'gpu'")
-    params: dict[str, ParamValue] = Field(default_factory=dict)
+    method: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z][A-Za-z0-9_.-]*$",
+                        description="registered strategy name, e.g. 'snapkv', 'kivi', 'gpu'")
+    params: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=64)], ParamValue] = Field(
+        default_factory=dict)
 
     def label(self) -> str:
         if not self.params:
@@ -58,8 +73,10 @@ class Switches(_Strict):
     """Serving-level settings that are not KV-cache stages but that serving stacks need."""
 
     prefix_caching: bool = Field(True, description="reuse the KV of shared prompt prefixes across requests")
-    max_model_len: int | None = Field(None, ge=1, description="longest context (prompt + output) to serve")
-    gpu_memory_fraction: float = Field(0.9, gt=0.0, le=1.0, description="fraction of GPU memory the server may use")
+    max_model_len: int | None = Field(None, ge=1, le=MAX_CONTEXT_TOKENS,
+                                      description="longest context (prompt + output) to serve")
+    gpu_memory_fraction: float = Field(0.9, gt=0.0, le=1.0, allow_inf_nan=False,
+                                       description="fraction of GPU memory the server may use")
 
 
 class QualityResult(_Strict):
@@ -83,26 +100,55 @@ class QualityResult(_Strict):
 
 
 class CostResult(_Strict):
-    """Cost with the candidate's stored form at the target model's shapes."""
+    """Cost with the candidate's stored form at the target model's shapes (what the kernels measured)."""
 
-    bytes_per_token: float = Field(description="KV bytes held per context token, all layers, K+V, scales included")
-    bytes_per_token_full: float = Field(description="the same for the uncompressed cache in the target dtype")
-    compression_ratio: float = Field(description="bytes_per_token_full / bytes_per_token")
-    decode_latency_ms: float = Field(description="one decode step's attention over all layers, median")
-    decode_latency_full_ms: float = Field(description="the same with the full fp16/bf16 cache, same run")
+    bytes_per_token: float = Field(gt=0, description="KV bytes held per context token, all layers, K+V, scales included")
+    bytes_per_token_full: float = Field(gt=0, description="the same for the uncompressed cache in the target dtype")
+    compression_ratio: float = Field(gt=0, description="bytes_per_token_full / bytes_per_token")
+    decode_latency_ms: float | None = Field(
+        None, ge=0, description="one decode step's attention over all layers, median; only when the kernels ran on "
+                                "the target device itself (never a CPU timing for a GPU target)")
+    decode_latency_full_ms: float | None = Field(None, ge=0, description="the same with the full cache, same run")
     context_tokens: int = Field(ge=1, description="context length the cost was measured at")
-    capacity_seqs: int = Field(ge=0, description="concurrent sequences of context_tokens within the memory budget")
+    capacity_seqs: int = Field(ge=0, description="concurrent sequences of context_tokens within the memory tiers")
     capacity_full_seqs: int = Field(ge=0)
-    memory_budget_bytes: int = Field(ge=0, description="KV memory budget used for capacity")
-    transfer_ms: float = Field(0.0, ge=0.0, description="per-step host-to-device time the placement adds")
-    backend: str = Field(description="kernel path the cost came from (torch-cpu, triton-cuda, ...)")
-    device: str = Field(description="where the timing ran")
+    memory_budget_bytes: int = Field(ge=0, description="device KV pool used for capacity")
+    transfer_ms: float | None = Field(None, ge=0.0, description="written by kvtune 0.1 only (superseded by serving)")
+    backend: str = Field(description="kernel path the bytes (and any timing) came from (torch-cpu, triton-cuda, ...)")
+    device: str = Field(description="where the kernels ran")
+    notes: list[str] = Field(default_factory=list)
+
+
+class ServingResult(_Strict):
+    """What a deployment gets on the target hardware over the workload (kvtune.measure.serving)."""
+
+    target: str = Field(description="hardware the figures are for")
+    tpot_target_ms: float | None = Field(None, gt=0, description="the scenario's time-per-output-token target")
+    batch: int = Field(ge=0, description="concurrent sequences at the target (0: the target is missed at batch 1)")
+    max_batch: int = Field(ge=0, description="sequences of the decode context that fit the memory tiers")
+    batch_bound: str = Field(description="what bounds max_batch")
+    tpot_ms: float = Field(ge=0, description="decode step time at `batch` (at batch 1 when batch is 0)")
+    tokens_per_s: float = Field(ge=0, description="sustained output tokens/s at the target, prefill included")
+    decode_tokens_per_s: float = Field(ge=0, description="batch / step time, decode only")
+    ttft_ms: float = Field(ge=0, description="time to first token of the median prompt")
+    decode_context: float = Field(ge=0, description="time-averaged context of a decoding sequence, tokens")
+    weights_ms: float = Field(ge=0)
+    kv_ms: float = Field(ge=0)
+    compute_ms: float = Field(ge=0)
+    copy_ms: float = Field(ge=0, description="offload copy per step")
+    exposed_copy_ms: float = Field(ge=0, description="the part of the copy prefetch does not hide")
+    overhead_ms: float = Field(ge=0)
+    hit_rate_device: float = Field(ge=0, le=1, description="prompt tokens served by the device prefix cache")
+    hit_rate_lower: float = Field(ge=0, le=1, description="prompt tokens served by the host/disk tier")
+    prompt_recomputed: float = Field(ge=0, le=1, description="prompt tokens prefilled again")
+    provenance: dict[str, str] = Field(default_factory=dict, description="figure -> measured|calibrated|assumed: basis")
     notes: list[str] = Field(default_factory=list)
 
 
 class Measured(_Strict):
     quality: QualityResult
     cost: CostResult
+    serving: ServingResult | None = None
     trial: int | None = Field(None, description="Optuna trial number this came from")
     seconds: float | None = Field(None, ge=0.0, description="wall time of the measurement")
 
@@ -148,7 +194,7 @@ class Pipeline(_Strict):
     """A KV-cache pipeline: three stages, serving switches, and optionally what was measured for it."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    name: str | None = None
+    name: str | None = Field(None, max_length=MAX_TEXT, description="free text; exporters escape it")
     selection: Stage = Field(default_factory=lambda: Stage(method="none"))
     codec: Stage = Field(default_factory=lambda: Stage(method="fp16"))
     placement: Stage = Field(default_factory=lambda: Stage(method="gpu"))
@@ -182,8 +228,10 @@ class Pipeline(_Strict):
 
     @classmethod
     def from_dict(cls, data: Any, *, where: str = "pipeline") -> "Pipeline":
+        if data is None:
+            raise UserError(f"{where}: empty document (expected a pipeline mapping with 'schema_version')")
         if not isinstance(data, dict):
-            raise UserError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
+            raise UserError(f"{where}: expected a mapping at the top level, got {_kind(data)}")
         if "schema_version" not in data:
             raise UserError(f"{where}: missing 'schema_version' (this kvtune writes {SCHEMA_VERSION})")
         try:
@@ -203,11 +251,99 @@ def first_error(exc: ValidationError) -> str:
     return f"field '{loc}': {msg}{more}"
 
 
-def load_pipeline(path: str | os.PathLike[str]) -> Pipeline:
-    """Read and validate a pipeline YAML file; :class:`UserError` on any problem."""
+def _kind(data: Any) -> str:
+    return {list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean"}.get(
+        type(data), type(data).__name__)
+
+
+def load_pipeline(path: str | os.PathLike[str], *, spec: "ModelSpec | None" = None) -> Pipeline:
+    """Read a pipeline YAML file and validate it completely (:func:`validate_pipeline`); :class:`UserError` on
+    any problem."""
     from kvtune.io import read_yaml
 
-    return Pipeline.from_dict(read_yaml(path), where=str(path))
+    pipeline = Pipeline.from_dict(read_yaml(path), where=str(path))
+    validate_pipeline(pipeline, spec=spec, where=str(path))
+    return pipeline
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _param_type_problem(value: Any, hint: Any) -> str | None:
+    """Why ``value`` does not fit the strategy field's annotation ``hint`` (None when it does)."""
+    allowed = typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
+    if not all(a in _TYPE_NAMES for a in allowed):
+        return None  # a container or custom type: the strategy's own checks decide
+    if isinstance(value, bool):
+        return None if bool in allowed else f"expected {_expected(allowed)}, got {value!r}"
+    if isinstance(value, int) and (int in allowed or float in allowed):
+        return None
+    if isinstance(value, float) and float in allowed:
+        return None
+    if isinstance(value, str) and str in allowed:
+        return None
+    return f"expected {_expected(allowed)}, got {value!r}"
+
+
+def _expected(allowed: tuple[Any, ...]) -> str:
+    names = [_TYPE_NAMES[a] for a in allowed if not (a is int and float in allowed)]  # a number covers integers
+    return " or ".join(names)
+
+
+def _non_finite(data: Any, path: str) -> str | None:
+    if isinstance(data, float) and not math.isfinite(data):
+        return path
+    if isinstance(data, dict):
+        for key, value in data.items():
+            found = _non_finite(value, f"{path}.{key}")
+            if found:
+                return found
+    if isinstance(data, list):
+        for i, value in enumerate(data):
+            found = _non_finite(value, f"{path}.{i}")
+            if found:
+                return found
+    return None
+
+
+def validate_pipeline(pipeline: Pipeline, *, spec: "ModelSpec | None" = None, where: str = "pipeline") -> "Stages":
+    """Check everything the schema cannot: each stage's parameters against its strategy (names, types, ranges,
+    via the strategy's own validation) and, with ``spec``, what the model's shapes allow. Returns the built
+    :class:`~kvtune.strategies.Stages`; raises :class:`UserError` naming the file and the field.
+
+    The one validation path for a pipeline a command reads: ``export``, ``evaluate`` and ``recommend``'s resume
+    call it before any work.
+    """
+    from kvtune.strategies import AXES, Stages, load_plugins  # imports torch: only when a pipeline is checked
+
+    load_plugins()
+    for axis in AXES:
+        stage: Stage = getattr(pipeline, axis)
+        cls = AXES[axis].get(stage.method)
+        if cls is None:
+            continue  # unknown methods are reported by the registry below, with the known ones
+        hints = typing.get_type_hints(cls)
+        for key, value in stage.params.items():
+            problem = _param_type_problem(value, hints[key]) if key in hints else None
+            if problem:
+                raise UserError(f"{where}: field '{axis}.params.{key}' ({stage.method}): {problem}")
+    try:
+        stages = Stages.of(pipeline)
+        if spec is not None:
+            for axis, strategy in (("selection", stages.selector), ("codec", stages.codec),
+                                   ("placement", stages.placement)):
+                if strategy is not None:
+                    try:
+                        strategy.check_model(spec)
+                    except ValueError as exc:
+                        raise UserError(f"{axis}.params ({strategy.name}): {exc} (model {spec.name})") from None
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
+    if pipeline.measured is not None:
+        bad = _non_finite(pipeline.measured.model_dump(mode="python"), "measured")
+        if bad:
+            raise UserError(f"{where}: field '{bad}': must be a finite number")
+    return stages
 
 
 def utc_now() -> str:

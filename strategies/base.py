@@ -40,6 +40,7 @@ from typing import Any, ClassVar
 import torch
 
 Budget = float | int
+MAX_TOKENS = 1 << 24  # a bound on every token count a parameter gives (longer than any model's context)
 
 
 @dataclass
@@ -61,8 +62,8 @@ def check_budget(budget: Budget) -> None:
         raise ValueError(f"budget must be a ratio in (0, 1] or a token count >= 1, got {budget!r}")
     if isinstance(budget, float) and not (0.0 < budget <= 1.0):
         raise ValueError(f"budget ratio must be in (0, 1], got {budget}")
-    if isinstance(budget, int) and budget < 1:
-        raise ValueError(f"budget token count must be >= 1, got {budget}")
+    if isinstance(budget, int) and not 1 <= budget <= MAX_TOKENS:
+        raise ValueError(f"budget token count must be in 1..{MAX_TOKENS}, got {budget}")
 
 
 def budget_tokens(budget: Budget, tokens: int) -> int:
@@ -97,6 +98,10 @@ class Strategy(ABC):
     def search_space(cls, trial: Any, scenario: Any) -> dict[str, Any]:
         """Ask ``trial`` (an ``optuna.Trial``) for this strategy's parameters; return them as a dict."""
 
+    def check_model(self, spec: Any) -> None:
+        """Raise ``ValueError`` naming the parameter if the model's shapes (a ``ModelSpec``) rule this strategy
+        out; parameters that depend on no model are checked in ``__post_init__``. Default: any model."""
+
 
 @dataclass
 class Selector(Strategy):
@@ -115,10 +120,10 @@ class Selector(Strategy):
 
     def __post_init__(self) -> None:
         check_budget(self.budget)
-        if self.sinks < 0:
-            raise ValueError(f"sinks must be >= 0, got {self.sinks}")
-        if self.recent < 0:
-            raise ValueError(f"recent must be >= 0, got {self.recent}")
+        if not 0 <= self.sinks <= MAX_TOKENS:
+            raise ValueError(f"sinks must be in 0..{MAX_TOKENS}, got {self.sinks}")
+        if not 0 <= self.recent <= MAX_TOKENS:
+            raise ValueError(f"recent must be in 0..{MAX_TOKENS}, got {self.recent}")
         if isinstance(self.recompress_every, bool) or not isinstance(self.recompress_every, int) or not (
             0 <= self.recompress_every <= 4096
         ):

@@ -65,7 +65,7 @@ class LowRank(Codec):
     decoded tokens reuse that basis), keys are post-RoPE (RoPE spreads energy over more directions, so a given
     rank loses more than Palu's), values stay uncompressed. Fitting on the very prompt it compresses is
     optimistic for the prompt and pessimistic for what drifts after it. Parameters: ``rank`` 1..head_dim
-    (capped at head_dim).
+    (refused above the head dim when the model is known; capped at it otherwise).
     """
 
     name: ClassVar[str] = "lowrank"
@@ -77,6 +77,10 @@ class LowRank(Codec):
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or not 1 <= self.rank <= 1024:
             raise ValueError(f"rank must be an int in 1..1024 (capped at head_dim), got {self.rank!r}")
+
+    def check_model(self, spec: Any) -> None:
+        if self.rank > spec.head_dim:
+            raise ValueError(f"rank must be <= the head dim ({spec.head_dim}), got {self.rank}")
 
     def new_store(self) -> Store:
         return LowRankStore(self.rank)
