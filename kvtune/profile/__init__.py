@@ -19,10 +19,10 @@ from kvtune.profile.schema import (
     dump_profile,
     load_profile,
 )
-from kvtune.profile.workload import default_workload, read_trace
+from kvtune.profile.workload import TraceRequest, bundled_trace_path, default_workload, iter_requests, read_trace
 
 __all__ = [
     "SCHEMA_VERSION", "BandwidthSample", "CapacityRow", "CapacityTable", "GpuInfo", "HardwareProfile", "LengthStats",
-    "ModelRecord", "Profile", "WorkloadProfile", "default_workload", "dump_profile", "list_reference_hardware",
-    "load_profile", "probe_hardware", "read_trace", "reference_hardware",
+    "ModelRecord", "Profile", "TraceRequest", "WorkloadProfile", "bundled_trace_path", "default_workload", "dump_profile", "list_reference_hardware",
+    "iter_requests", "load_profile", "probe_hardware", "read_trace", "reference_hardware",
 ]

@@ -12,8 +12,9 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from kvtune.errors import UserError
+from kvtune.errors import UserError, printable
 from kvtune.io import atomic_write_text, check_writable
+from kvtune.profile.readers import FORMATS, check_regular
 from kvtune.profile.schema import Profile, dump_profile, now_iso
 
 DEFAULT_OUTPUT = "kvtune-profile.yaml"
@@ -25,15 +26,8 @@ class OutputFormat(str, Enum):
     yaml = "yaml"
 
 
-class TraceFormat(str, Enum):
-    auto = "auto"
-    azure = "azure"
-    mooncake = "mooncake"
-    burstgpt = "burstgpt"
-    sharegpt = "sharegpt"
-    vllm = "vllm"
-    openai = "openai"
-    generic = "generic"
+# the choices come from the reader registry (one source of truth)
+TraceFormat = Enum("TraceFormat", {name: name for name in ("auto", *FORMATS)}, type=str)
 
 
 def _tokenizer_for(tokenizer: str | None, model: str | None) -> str | None:
@@ -52,8 +46,8 @@ def _tokenizer_for(tokenizer: str | None, model: str | None) -> str | None:
 def profile(
     trace: Annotated[Optional[list[Path]], typer.Option(
         "--trace", "-t", help="Request trace to profile (repeatable; pooled into one distribution).")] = None,
-    trace_format: Annotated[TraceFormat, typer.Option(
-        "--trace-format", help="Trace format; auto detects it from the header or first record.")] = TraceFormat.auto,
+    trace_format: Annotated[TraceFormat, typer.Option(  # type: ignore[valid-type]
+        "--trace-format", help="Trace format; auto detects it from the header or first record.")] = TraceFormat["auto"],
     columns: Annotated[Optional[str], typer.Option(
         "--columns", help="Generic traces: input=COL,output=COL[,time=COL|time_ms=COL][,session=COL].")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Fail on the first malformed trace row.")] = False,
@@ -100,8 +94,7 @@ def profile(
         require_matplotlib()
         check_writable(plot, overwrite=True)
     for p in trace or []:
-        if not p.exists():
-            raise UserError(f"{p}: no such trace file (--trace)")
+        check_regular(p)  # missing, a directory, a FIFO or a device: refused before anything opens it
     if not 0 < memory_fraction <= 1:
         raise UserError(f"--memory-fraction {memory_fraction}: expected a value in (0, 1]")
     if offload_dir is not None and not offload_dir.is_dir():
@@ -125,7 +118,7 @@ def profile(
         if workload.malformed_rows:
             first = workload.malformed_examples[0]
             err.print(f"warning: {workload.malformed_rows:,} malformed rows skipped (first: {first.file}:{first.line}: "
-                      f"{first.reason}); --strict fails on them")
+                      f"{first.reason}); --strict fails on them", markup=False)
 
     if ref is not None:
         hw = ref
@@ -167,6 +160,6 @@ def profile(
         render(prof, out)
     done = f"done in {time.perf_counter() - t0:.1f} s"
     if target is not None:
-        err.print(f"wrote {target} ({done})" + (f"; plot {plot}" if plot else ""))
+        err.print(f"wrote {printable(target)} ({done})" + (f"; plot {printable(plot)}" if plot else ""), markup=False)
     else:
         err.print(done)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from kvtune.errors import UserError
 from kvtune.profile.models import human_bytes, human_tokens
@@ -19,7 +20,8 @@ def _rate(x: float | None) -> str:
 
 
 def hardware_tables(hw: HardwareProfile) -> list[Table]:
-    t = Table(title=f"Hardware: {hw.name} ({hw.source})", show_header=False, title_justify="left")
+    t = Table(title=Text(f"Hardware: {hw.name} ({hw.source})", style="italic"), show_header=False,
+              title_justify="left")
     t.add_column("field", style="bold")
     t.add_column("value")
     rows: list[tuple[str, str]] = []
@@ -53,7 +55,7 @@ def hardware_tables(hw: HardwareProfile) -> list[Table]:
         rows.append(("offload dir", f"{hw.offload_dir} ({hw.offload_fs_type or '?'}), "
                                     f"{human_bytes(hw.disk_free_bytes)} free, read {_rate(hw.disk_read_gbps)}"))
     for k, v in rows:
-        t.add_row(k, v)
+        t.add_row(k, Text(v))
     out = [t]
     if hw.bandwidth:
         b = Table(title="Measured copy rates (median of repeats; min-max)", title_justify="left")
@@ -68,7 +70,8 @@ def hardware_tables(hw: HardwareProfile) -> list[Table]:
 
 
 def length_table(w: WorkloadProfile) -> Table:
-    t = Table(title=f"Workload: {w.name} ({w.requests:,} requests, {w.format})", title_justify="left")
+    t = Table(title=Text(f"Workload: {w.name} ({w.requests:,} requests, {w.format})", style="italic"),
+              title_justify="left")
     t.add_column("tokens")
     for col in ("mean", "p50", "p90", "p99", "max"):
         t.add_column(col, justify="right")
@@ -93,15 +96,15 @@ def workload_facts(w: WorkloadProfile) -> Table:
     if w.sessions:
         t.add_row("sessions", f"{w.sessions:,}")
     if w.prefix_reuse_ratio is not None:
-        t.add_row("prefix reuse", f"{w.prefix_reuse_ratio:.1%} of input tokens ({w.prefix_reuse_method})")
+        t.add_row("prefix reuse", Text(f"{w.prefix_reuse_ratio:.1%} of input tokens ({w.prefix_reuse_method})"))
     t.add_row("token counts", w.token_counts)
-    t.add_row("percentiles", "exact" if w.percentile_relative_error == 0 else
-              f"exact below 1,024 tokens, within {w.percentile_relative_error:.1%} above")
+    t.add_row("percentiles", "exact (nearest rank)" if w.percentile_relative_error == 0 else
+              f"within {w.percentile_relative_error:.1%} (nearest rank)")
     if w.malformed_rows:
         first = "; ".join(f"{e.file}:{e.line}: {e.reason}" for e in w.malformed_examples[:3])
-        t.add_row("malformed rows", f"{w.malformed_rows:,} skipped (first: {first})")
+        t.add_row("malformed rows", Text(f"{w.malformed_rows:,} skipped (first: {first})"))
     for n in w.notes:
-        t.add_row("note", n)
+        t.add_row("note", Text(n))
     return t
 
 
@@ -132,7 +135,8 @@ def capacity_tables(p: Profile) -> list[Table]:
     out = []
     if p.model is not None:
         m = p.model
-        t = Table(title=f"Model: {m.name} ({m.source})", show_header=False, title_justify="left")
+        t = Table(title=Text(f"Model: {m.name} ({m.source})", style="italic"), show_header=False,
+                  title_justify="left")
         t.add_column("field", style="bold")
         t.add_column("value")
         shape = f"{m.layers} layers, {m.kv_heads} KV heads x {m.head_dim} (q heads {m.q_heads}), {m.dtype}"
@@ -150,7 +154,7 @@ def capacity_tables(p: Profile) -> list[Table]:
                  f"({c.budget_basis} x {c.memory_fraction} - weights {human_bytes(c.weights_bytes)}); "
                  f"concurrent sequences of {c.workload} (total length p50 {human_tokens(c.length_p50)}, "
                  f"p99 {human_tokens(c.length_p99)})")
-        t = Table(title=title, title_justify="left")
+        t = Table(title=Text(title, style="italic"), title_justify="left")
         for col in ("KV codec", "bytes/token", "seqs @ mean", "@ p50", "@ p99", "longest one"):
             t.add_column(col, justify="left" if col == "KV codec" else "right", no_wrap=True)
         for r in c.rows:

@@ -182,13 +182,13 @@ def test_sharegpt_without_tokenizer_is_estimated(tmp_path):
 
 
 def test_json_array_streams_in_small_chunks(tmp_path, monkeypatch):
-    import kvtune.profile.workload as wl
+    import kvtune.profile.readers as readers
 
     data = [{"conversations": [{"from": "human", "value": words(i + 1, "w")}, {"from": "gpt", "value": "a b"}]}
             for i in range(300)]
     p = write(tmp_path, "big.json", json.dumps(data))
-    real = wl._json_array
-    monkeypatch.setattr(wl, "_json_array", lambda fh, acc, chunk=1 << 20: real(fh, acc, chunk=97))
+    real = readers.json_array
+    monkeypatch.setattr(readers, "json_array", lambda fh, where, chunk=1 << 20: real(fh, where, chunk=97))
     w = read_trace(p, tokenizer=WordTokenizer())
     assert w.requests == 300 and w.input_tokens.max == 300 and w.malformed_rows == 0
 
