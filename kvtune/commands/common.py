@@ -12,12 +12,13 @@ from typing import Any
 
 from rich.console import Console
 
-from kvtune.measure.kernels_cost import CostSetup
 from kvtune.errors import UserError
 from kvtune.io import dump_yaml
-from kvtune.models import LoadedModel, load_model
+from kvtune.kernels.backend import resolve as resolve_kernel_backend
+from kvtune.models import DEVICE_CHOICES, LoadedModel, load_model, parse_device
 from kvtune.modelspec import ModelSpec
 from kvtune.pipeline import HardwareInfo, ModelInfo, WorkloadInfo
+from kvtune.measure.target import Target, build_target
 from kvtune.measure.quality import EvalConfig, EvalSet, build_eval_set
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -37,9 +38,6 @@ def emit(data: Any, fmt: OutputFormat) -> None:
         sys.stdout.write(dump_yaml(data))
 
 
-ASSUMED_DISK_GBPS = 2.0  # a conservative NVMe sequential read, used when no profile measured the disk
-
-
 def needs_attention_sums(method: str) -> bool:
     """Whether a selection method needs the prompt's accumulated attention recorded at prefill (costly)."""
     from kvtune.strategies import SELECTORS, load_plugins
@@ -57,8 +55,7 @@ class Prepared:
     workload: Any  # kvtune.profile.schema.WorkloadProfile | None
     eval_config: EvalConfig
     evalset: EvalSet
-    cost: CostSetup
-    offload_possible: bool
+    target_model: Target
 
     def model_info(self) -> ModelInfo:
         t = self.target
@@ -95,45 +92,41 @@ def load_hardware(profile: str | None, hardware: str | None) -> tuple[Any, Any]:
     return probe_hardware(quick=True), None
 
 
+DEVICE_HELP = f"where the model and kernels run: {DEVICE_CHOICES} (auto: the first CUDA GPU if any, else the CPU)"
+
+
+def parse_run_device(device: str) -> str:
+    """``--device`` checked up front, with the kernel backend it implies (a bad KVTUNE_KERNEL_BACKEND fails here,
+    not inside a trial)."""
+    dev = parse_device(device)
+    try:
+        resolve_kernel_backend(None, dev)
+    except ValueError as exc:
+        raise UserError(f"--device {device}: {exc}") from None
+    return dev
+
+
 def prepare(*, model: str | None, trust_remote_code: bool, profile: str | None, hardware: str | None,
-            target: str | None, context: int | None, quick: bool, attention_sums: bool, seed: int) -> Prepared:
+            target: str | None, context: int | None, quick: bool, attention_sums: bool, seed: int,
+            device: str = "auto", tpot_ms: float | None = None, default_tpot_ms: float | None = None,
+            calibration: list[str] | None = None) -> Prepared:
     from kvtune.profile.workload import default_workload
 
+    dev = parse_run_device(device)
     hw, workload = load_hardware(profile, hardware)
     if workload is None:
         workload = default_workload()
     with stderr.status("loading model ..."):
-        loaded = load_model(model, trust_remote_code=trust_remote_code)
+        loaded = load_model(model, trust_remote_code=trust_remote_code, device=dev)
     stderr.print(f"model {loaded.name} ({loaded.spec.layers} layers, {loaded.spec.kv_heads} KV heads, head dim "
-                 f"{loaded.spec.head_dim}) loaded in {loaded.load_seconds:.1f} s")
-    spec = loaded.spec
-    weights = loaded.weights_bytes
-    if target:
-        from kvtune.modelspec import preset
-
-        try:
-            spec = preset(target)
-        except UserError:
-            raise
-        except (KeyError, ValueError) as exc:
-            raise UserError(f"--target {target}: {exc}") from None
-        weights = spec.weights_bytes() or 0
-    ctx = context or int(workload.total_tokens.p50)
-    if ctx < 1:
-        raise UserError(f"--context {ctx}: must be >= 1 token")
-    budget = hw.kv_memory_budget(weights)
-    link = hw.host_link_gbps() if hw.accelerator else None
-    link_source = "measured" if hw.source == "measured" else ("datasheet" if hw.source == "datasheet" else "none")
-    notes = []
-    if not hw.accelerator:
-        # the KV lives in host RAM; the tier below it is the disk, read at the profile's rate
-        link = hw.disk_read_gbps or ASSUMED_DISK_GBPS
-        link_source = "disk read, measured" if hw.disk_read_gbps else "disk read, assumed (run `kvtune profile`)"
-        notes.append(f"no accelerator in hardware '{hw.name}': the memory budget is host RAM")
-    cost = CostSetup(spec=spec, context_tokens=ctx, memory_budget_bytes=budget, link_gbps=link,
-                     link_source=link_source, disk_gbps=hw.disk_read_gbps,
-                     host_budget_bytes=int(hw.cpu_ram_available_bytes * 0.9) if hw.cpu_ram_available_bytes else None,
-                     notes=notes)
+                 f"{loaded.spec.head_dim}) loaded in {loaded.load_seconds:.1f} s on {loaded.device} "
+                 f"({loaded.compute_dtype})")
+    with stderr.status("pricing the target ...") as status:
+        tgt = build_target(hardware=hw, workload=workload, loaded=loaded, target=target, context=context,
+                           tpot_ms=tpot_ms, default_tpot_ms=default_tpot_ms, calibration_files=calibration,
+                           kernel_device=str(loaded.device), progress=lambda msg: status.update(msg))
+    for note in tgt.notes:
+        stderr.print(f"note: {note}")
     cfg = EvalConfig.quick() if quick else EvalConfig()
     cfg.seed = seed
     started = time.perf_counter()
@@ -145,8 +138,8 @@ def prepare(*, model: str | None, trust_remote_code: bool, profile: str | None, 
     passing = sum(p.full_correct for p in evalset.probes)
     if evalset.probes:
         stderr.print(f"full cache answers {passing}/{len(evalset.probes)} probe items; only those count")
-    return Prepared(loaded=loaded, target=spec, hardware=hw, workload=workload, eval_config=cfg, evalset=evalset,
-                    cost=cost, offload_possible=bool(hw.accelerator))
+    return Prepared(loaded=loaded, target=tgt.spec, hardware=hw, workload=workload, eval_config=cfg, evalset=evalset,
+                    target_model=tgt)
 
 
 def gib(n: float) -> str:

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from kvtune import __version__
-from kvtune.commands.common import OutputFormat, emit, needs_attention_sums, prepare, stderr
+from kvtune.commands.common import DEVICE_HELP, OutputFormat, emit, needs_attention_sums, prepare, stderr
 from kvtune.errors import UserError
 from kvtune.io import atomic_write_text, check_writable
 from kvtune.pipeline import Provenance, load_pipeline, utc_now
@@ -27,6 +27,7 @@ def evaluate(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="write the pipeline with its new measurements here")] = None,
     force: Annotated[bool, typer.Option(help="overwrite --output if it exists")] = False,
     quick: Annotated[bool, typer.Option(help="tiny evaluation set (seconds)")] = False,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     trust_remote_code: Annotated[bool, typer.Option(help="allow the model's own Python code to run")] = False,
     format: Annotated[OutputFormat, typer.Option("--format", "-f", help="stdout: table, json or yaml")] = OutputFormat.table,
 ) -> None:
@@ -43,7 +44,8 @@ def evaluate(
             raise UserError(f"-o {output}: is the input pipeline; pass --force to replace it with the measured copy")
     needs_sums = needs_attention_sums(given.selection.method)
     prep = prepare(model=model, trust_remote_code=trust_remote_code, profile=profile, hardware=hardware,
-                   target=target, context=context, quick=quick, attention_sums=needs_sums, seed=seed)
+                   target=target, context=context, quick=quick, attention_sums=needs_sums, seed=seed,
+                   device=device)
     ctx = SearchContext(model=prep.loaded.model, evalset=prep.evalset, eval_config=prep.eval_config,
                         cost=prep.cost, scenario=get_scenario("multi-turn"), seed=seed)
     with stderr.status(f"measuring {given.label()} ..."):

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kvtune import __version__
-from kvtune.commands.common import OutputFormat, emit, needs_attention_sums, prepare, stderr
+from kvtune.commands.common import DEVICE_HELP, OutputFormat, emit, needs_attention_sums, prepare, stderr
 from kvtune.errors import UserError
 from kvtune.io import atomic_write_text, check_writable
 from kvtune.pipeline import Pipeline, Provenance, utc_now
@@ -62,6 +62,7 @@ def recommend(
     export: Annotated[Optional[str], typer.Option(help="also export to these stacks (comma list or 'all')")] = None,
     export_dir: Annotated[Path, typer.Option(help="folder for --export files")] = Path("."),
     quick: Annotated[bool, typer.Option(help="tiny evaluation set (seconds; for smoke tests, not decisions)")] = False,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     trust_remote_code: Annotated[bool, typer.Option(help="allow the model's own Python code to run")] = False,
     format: Annotated[OutputFormat, typer.Option("--format", "-f", help="stdout: table, json or yaml")] = OutputFormat.table,
 ) -> None:
@@ -77,7 +78,8 @@ def recommend(
 
     needs_sums = any(needs_attention_sums(m) for m in scen.selection)
     prep = prepare(model=model, trust_remote_code=trust_remote_code, profile=profile, hardware=hardware,
-                   target=target, context=context, quick=quick, attention_sums=needs_sums, seed=seed)
+                   target=target, context=context, quick=quick, attention_sums=needs_sums, seed=seed,
+                   device=device)
     if not prep.offload_possible and "offload" in scen.placements:
         scen = dataclasses.replace(scen, offload_tiers=("disk",))
         stderr.print(f"no accelerator: the KV lives in host RAM and offload goes to disk at {prep.cost.link_gbps:g} GB/s "
