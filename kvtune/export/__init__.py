@@ -17,6 +17,12 @@ kvpress    kvpress 0.5.5                ``kvpress_press.py``
 What a stack cannot express is never dropped silently: it is named, with the nearest supported setting, in
 the file (comments) and in :attr:`ExportResult.notes` (the command prints those on stderr).
 
+Only valid pipelines are exported: :func:`render_pipeline` and :func:`export_pipeline` run
+:func:`kvtune.pipeline.validate_pipeline` first (with the model's shapes when the pipeline's provenance names
+them), so an unknown method, a parameter out of range or a method on the wrong axis is one error, never a
+config. Text from the pipeline reaches files only through the emitters of :mod:`kvtune.export._common`.
+The files of one export are written together (:func:`kvtune.io.write_files_atomically`).
+
 Public API: :data:`EXPORTERS`, :data:`TARGETS`, :func:`parse_targets`, :func:`render_pipeline`,
 :func:`export_pipeline`, :class:`ExportResult`.
 """
@@ -29,11 +35,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Callable, Iterable
 
-from kvtune.errors import UserError
+from kvtune.errors import UserError, printable
 from kvtune.export import hf, kvpress, lmcache, sglang, trtllm, vllm
 from kvtune.export._common import Rendered
-from kvtune.io import atomic_write_text
-from kvtune.pipeline import Pipeline
+from kvtune.io import write_files_atomically
+from kvtune.modelspec import ModelSpec
+from kvtune.pipeline import Pipeline, validate_pipeline
 
 
 @dataclass(frozen=True)
@@ -84,15 +91,28 @@ def parse_targets(values: Iterable[str], *, where: str = "--to") -> list[str]:
             elif name in EXPORTERS:
                 names = [name]
             else:
-                raise UserError(f"{where}: unknown export target {part.strip()!r} (choose from {', '.join(TARGETS)}, all)")
+                raise UserError(f"{where}: unknown export target {printable(repr(part.strip()), 80)} "
+                                f"(choose from {', '.join(TARGETS)}, all)")
             chosen += [n for n in names if n not in chosen]
     if not chosen:
         raise UserError(f"{where}: no export target given (choose from {', '.join(TARGETS)}, all)")
     return chosen
 
 
-def render_pipeline(pipeline: Pipeline, targets: Iterable[str]) -> list[tuple[str, Rendered]]:
-    """Render every file of every target in memory (nothing written): ``[(target, Rendered), ...]``."""
+def provenance_spec(pipeline: Pipeline) -> ModelSpec | None:
+    """The model shapes the pipeline's provenance records (what its parameters must fit), or None."""
+    info = pipeline.provenance.model if pipeline.provenance is not None else None
+    if info is None:
+        return None
+    return ModelSpec(name=info.name, layers=info.layers, kv_heads=info.kv_heads, q_heads=info.q_heads,
+                     head_dim=info.head_dim, dtype=info.dtype, source=info.source)
+
+
+def render_pipeline(pipeline: Pipeline, targets: Iterable[str], *, where: str = "pipeline"
+                    ) -> list[tuple[str, Rendered]]:
+    """Validate ``pipeline`` (:class:`UserError` naming ``where`` if invalid), then render every file of every
+    target in memory (nothing written): ``[(target, Rendered), ...]``."""
+    validate_pipeline(pipeline, spec=provenance_spec(pipeline), where=where)
     out: list[tuple[str, Rendered]] = []
     for target in parse_targets(targets):
         out += [(target, r) for r in EXPORTERS[target].render(pipeline)]
@@ -105,36 +125,24 @@ def export_pipeline(
     out_dir: str | os.PathLike[str],
     *,
     overwrite: bool = False,
+    where: str = "pipeline",
 ) -> list[ExportResult]:
     """Write the configs of ``targets`` for ``pipeline`` into ``out_dir``; one :class:`ExportResult` per file.
 
-    All files are rendered and all paths checked before the first write, so a refused overwrite leaves nothing
-    behind; each file is written atomically (temp file + rename). ``out_dir`` is created if missing. An existing
-    file is replaced only with ``overwrite=True``; otherwise :class:`UserError`.
+    The pipeline is validated and every file rendered and every path checked before the first write; the files
+    appear together or not at all (:func:`kvtune.io.write_files_atomically`), so a refused overwrite or a killed
+    run leaves nothing a rerun trips over. ``out_dir`` is created if missing. An existing file is replaced only
+    with ``overwrite=True`` (or when it already holds the same bytes); otherwise :class:`UserError`.
     """
-    rendered = render_pipeline(pipeline, targets)
-    folder = Path(out_dir)
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"{folder}: is not a directory (--out-dir)")
-    paths = [folder / r.filename for _, r in rendered]
-    seen: set[Path] = set()
-    for path in paths:
-        if path in seen:  # pragma: no cover - guarded by distinct filenames per target
-            raise UserError(f"{path}: two exports would write the same file")
-        seen.add(path)
-        if path.is_dir():
-            raise UserError(f"{path}: is a directory, expected a file path")
-        if path.exists() and not overwrite:
-            raise UserError(f"{path}: already exists (pass --force to overwrite)")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"{folder}: cannot create the output folder ({exc.strerror})") from None
-    results = []
-    for (target, r), path in zip(rendered, paths):
-        atomic_write_text(path, r.text, overwrite=overwrite)
-        results.append(ExportResult(target=target, path=path, notes=r.notes))
-    return results
+    rendered = render_pipeline(pipeline, targets, where=where)
+    files: dict[str, str] = {}
+    for _, r in rendered:
+        if r.filename in files:  # pragma: no cover - guarded by distinct filenames per target
+            raise UserError(f"{r.filename}: two exports would write the same file")
+        files[r.filename] = r.text
+    paths = write_files_atomically(out_dir, files, overwrite=overwrite, flag="--out-dir")
+    return [ExportResult(target=target, path=path, notes=r.notes) for (target, r), path in zip(rendered, paths)]
 
 
-__all__ = ["EXPORTERS", "TARGETS", "Exporter", "ExportResult", "export_pipeline", "parse_targets", "render_pipeline"]
+__all__ = ["EXPORTERS", "TARGETS", "Exporter", "ExportResult", "export_pipeline", "parse_targets", "provenance_spec",
+           "render_pipeline"]

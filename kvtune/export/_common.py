@@ -11,6 +11,13 @@ Three rules every exporter follows (docs/exports.md spells them out per stack):
 
 Notes end up in the exported file (as comments) and on stderr (the command prints them); never silently.
 Rendering is deterministic: no clocks, no hostnames, keys in a fixed order, floats written with fixed rules.
+
+Safe emission: text that comes from the pipeline (its name, the model source, string parameters inside stage
+labels) reaches files only through the emitters below. YAML values go through ``yaml.safe_dump``; comment lines
+through :func:`comment_block`, which escapes every character a YAML parser treats as a line break (``\n``,
+``\r``, NEL, U+2028/9) and every other control character (:func:`kvtune.errors.printable`), so no value can end
+a comment and start a key; Python docstrings through :func:`python_docstring` and Python values through
+:func:`python_literal`, so no value can end a string and start a statement.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from kvtune.errors import printable
 from kvtune.io import dump_yaml
 from kvtune.pipeline import Pipeline, Stage
 
@@ -274,7 +282,44 @@ def header_lines(*, title: str, p: Pipeline, stack: str, version: str, options_f
 
 
 def comment_block(lines: list[str], marker: str = "#") -> str:
-    return "".join(f"{marker} {line}".rstrip() + "\n" for line in lines)
+    """Comment lines, each one line whatever it holds (line breaks and control characters escaped)."""
+    return "".join(f"{marker} {printable(line)}".rstrip() + "\n" for line in lines)
+
+
+def python_docstring(lines: list[str]) -> str:
+    """A triple-quoted Python docstring holding ``lines``: control characters escaped, backslashes doubled,
+    ``\"\"\"`` written as ``'''`` so the text cannot close the string."""
+    body = "\n".join(printable(line) for line in lines).replace("\\", "\\\\").replace('"""', "'''")
+    return f'"""{body}\n"""'
+
+
+def python_literal(data: Any, level: int = 0, indent: int = 4) -> str:
+    """A Python literal for JSON-like data, laid out as ``json.dumps(indent=4)`` (dict keys in insertion order).
+
+    Strings are written as JSON string literals, which are valid Python literals with the same value; booleans
+    and None as Python's; a non-finite float is refused (it has no literal).
+    """
+    pad, inner = " " * (indent * level), " " * (indent * (level + 1))
+    if isinstance(data, dict):
+        if not data:
+            return "{}"
+        items = [f"{inner}{json.dumps(str(k))}: {python_literal(v, level + 1, indent)}" for k, v in data.items()]
+        return "{\n" + ",\n".join(items) + f"\n{pad}}}"
+    if isinstance(data, (list, tuple)):
+        if not data:
+            return "[]"
+        return "[\n" + ",\n".join(f"{inner}{python_literal(v, level + 1, indent)}" for v in data) + f"\n{pad}]"
+    if data is None or isinstance(data, bool):
+        return repr(data)
+    if isinstance(data, int):
+        return str(data)
+    if isinstance(data, float):
+        if not math.isfinite(data):
+            raise ValueError(f"non-finite number {data!r} has no Python literal")
+        return repr(data)
+    if isinstance(data, str):
+        return json.dumps(data)
+    raise TypeError(f"no Python literal for {type(data).__name__}")
 
 
 def yaml_file(header: list[str], body: dict[str, Any]) -> str:

@@ -130,11 +130,6 @@ def _switch_note(notes: c.Notes) -> None:
     )
 
 
-def _py_literal(data: Any) -> str:
-    """A deterministic Python literal for JSON-like data (dict keys in insertion order)."""
-    return json.dumps(data, indent=4).replace(": true", ": True").replace(": false", ": False").replace(": null", ": None")
-
-
 def snippet(p: Pipeline, notes: c.Notes, impl: str, cache_config: dict[str, Any] | None) -> str:
     model = c.model_id(p) or "<model id or local path>"
     stages = {
@@ -150,17 +145,15 @@ def snippet(p: Pipeline, notes: c.Notes, impl: str, cache_config: dict[str, Any]
                "this script runs the whole pipeline through kvtune's own Cache (needs kvtune installed)"],
         notes=notes, kvtune_version=c.kvtune_version(),
     )
-    doc = "\n".join(header).replace("\\", "\\\\").replace('"""', "'''")
-    body = f'''"""{doc}
-"""
+    body = f'''{c.python_docstring(header)}
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from kvtune.pipeline import Pipeline
 {RUNTIME_IMPORT}
 
-MODEL = {json.dumps(model)}
-PIPELINE = Pipeline.from_dict({_py_literal(stages)})
+MODEL = {c.python_literal(model)}
+PIPELINE = Pipeline.from_dict({c.python_literal(stages)})
 
 
 def main() -> None:

@@ -166,13 +166,11 @@ def render(p: Pipeline) -> list[c.Rendered]:
         usage=[f"run: python {FILENAME}  (needs kvpress {VERSION} and the transformers it pins)"],
         notes=notes, kvtune_version=c.kvtune_version(),
     )
-    doc = "\n".join(header).replace("\\", "\\\\").replace('"""', "'''")
-    text = f'''"""{doc}
-"""
+    text = f'''{c.python_docstring(header)}
 
 {chr(10).join(imports)}
 
-MODEL = {json.dumps(model)}
+MODEL = {c.python_literal(model)}
 
 {press_line}
 

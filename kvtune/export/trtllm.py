@@ -30,10 +30,6 @@ OPTIONS = "trtllm-1.3.0rc27.yaml"
 FILENAME = "trtllm.yaml"
 
 
-def _is_pow2(n: int) -> bool:
-    return n > 1 and n & (n - 1) == 0
-
-
 def build(p: Pipeline, notes: c.Notes) -> dict[str, Any]:
     kv: dict[str, Any] = {}
     body: dict[str, Any] = {}
@@ -106,15 +102,8 @@ def build(p: Pipeline, notes: c.Notes) -> dict[str, Any]:
     if place.method == "offload":
         tier = c.str_param(place, "tier", "cpu")
         block = c.int_param(place, "block_size")
-        if block is not None:
-            if _is_pow2(block):
-                kv["tokens_per_block"] = block
-            else:
-                near = max(2, 1 << (block.bit_length() - 1))
-                kv["tokens_per_block"] = near
-                notes.approximated(
-                    f"placement {place.label()}", f"tokens_per_block must be a power of two > 1; {block} written as {near}"
-                )
+        if block is not None:  # offload block sizes (16..128) are powers of two, as tokens_per_block must be
+            kv["tokens_per_block"] = block
         if tier == "cpu":
             size = c.host_bytes(p)
             if size is None:

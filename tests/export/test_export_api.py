@@ -68,7 +68,7 @@ def test_out_dir_that_is_a_file(tmp_path) -> None:
 
 
 def test_write_is_atomic(tmp_path, monkeypatch) -> None:
-    """A failure while writing leaves the previous file intact and no temp file."""
+    """A failure while writing is one error naming the cause; the previous file is intact, no temp file left."""
     target = tmp_path / "vllm.yaml"
     target.write_text("old\n")
 
@@ -76,7 +76,7 @@ def test_write_is_atomic(tmp_path, monkeypatch) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="cannot write the exports \\(No space left on device\\)"):
         export_pipeline(pipeline("identity"), ["vllm"], tmp_path, overwrite=True)
     assert target.read_text() == "old\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vllm.yaml"]

@@ -97,11 +97,16 @@ def test_export_all_and_force(cli, tmp_path) -> None:
     first = cli(["export", str(src), "--to", "all", "-o", str(tmp_path)])
     assert first.exit_code == 0, first.output
     assert len(first.stdout.splitlines()) == 8
+    same = cli(["export", str(src), "--to", "all", "-o", str(tmp_path)])
+    assert same.exit_code == 0, same.output  # files holding exactly what would be written are not conflicts
+    src.write_text(yaml.safe_dump({**CASES["identity"], "name": "changed"}, sort_keys=False))
     again = cli(["export", str(src), "--to", "all", "-o", str(tmp_path)])
     assert again.exit_code == 2
     assert again.stderr.strip().count("\n") == 0 and "already exists (pass --force" in again.stderr
+    assert "pipeline name: changed" not in (tmp_path / "vllm.yaml").read_text()
     forced = cli(["export", str(src), "--to", "all", "-o", str(tmp_path), "--force"])
     assert forced.exit_code == 0, forced.output
+    assert "pipeline name: changed" in (tmp_path / "vllm.yaml").read_text()
 
 
 @pytest.mark.parametrize(
