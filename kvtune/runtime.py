@@ -127,12 +127,14 @@ class PipelineLayer(CacheLayerMixin):
         self.generator = torch.Generator().manual_seed(seed * 1009 + layer_idx)
         self.recent_queries: torch.Tensor | None = None  # (B, Hq, <=WINDOW_MAX, D), re-compression only
         self.since_compress = 0  # tokens decoded since the last (re-)selection
+        self.turn_start = False  # set by KVCache.begin_turn: re-select after the next forward's attention
 
     def _new_store(self) -> Store:
         sel = self.stages.selector
         if sel is not None and sel.ragged:
             return RaggedStore(self.stages.codec, self.layer_idx, self.num_layers)
-        return self.stages.codec.layer_store(self.layer_idx, self.num_layers)
+        codec, i, n = self.stages.codec, self.layer_idx, self.num_layers
+        return codec.layer_store(i, n) if sel is None else sel.wrap_store(lambda: codec.layer_store(i, n))
 
     # -- transformers' layer protocol ------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -172,6 +174,7 @@ class PipelineLayer(CacheLayerMixin):
         self.pending = None
         self.recent_queries = None
         self.since_compress = 0
+        self.turn_start = False
 
     # -- kvtune ----------------------------------------------------------------------------------------------
     @property
@@ -192,6 +195,9 @@ class PipelineLayer(CacheLayerMixin):
             if self.record:
                 self.recorded = LayerRecord(keys, values, window, sums, scaling)
             self.compress(keys, values, window, sums, scaling)
+        elif self.turn_start:  # a new turn's prompt: re-select with its queries (begin_turn)
+            self.turn_start = False
+            self._reselect(query[:, :, -WINDOW_MAX:], scaling)
         elif probs is not None and self.scores is not None:
             self.scores = self.stages.selector.update_scores(self.scores, probs)  # type: ignore[union-attr]
             self._evict_over_budget(scaling)
@@ -216,12 +222,25 @@ class PipelineLayer(CacheLayerMixin):
         if self.since_compress < sel.recompress_every:
             return
         self.since_compress = 0
-        keys, values = self.store.decoded()
-        inputs = ScoreInputs(keys, values, self.layer_idx, self.num_layers, scaling, self.recent_queries, None,
-                             self.generator)
+        self._reselect(self.recent_queries, scaling)
+
+    def _reselect(self, window: torch.Tensor, scaling: float) -> None:
+        """Select again over the stored tokens (a tiered store: every token seen) with ``window`` as the latest
+        queries. Per-head stores (Ada-KV) re-select only while every head holds the same tokens."""
+        sel = self.stages.selector
+        assert sel is not None
+        keys, values = self.store.reselectable()
+        inputs = ScoreInputs(keys, values, self.layer_idx, self.num_layers, scaling, window, None, self.generator)
+        if isinstance(self.store, RaggedStore):
+            lengths = self.store.lengths()
+            per_head = sel.select_ragged(inputs, tokens_seen=self.tokens_seen) if bool(
+                (lengths == lengths.max()).all()) else None
+            if per_head is not None:
+                self.store.keep_ragged(per_head)
+            return
         idx = sel.select(inputs, tokens_seen=self.tokens_seen)
         if idx is not None:
-            self.store.keep(idx)
+            self.store.reselect(idx)
 
     def compress(self, keys: torch.Tensor, values: torch.Tensor, window: torch.Tensor | None,
                  sums: torch.Tensor | None, scaling: float) -> None:
@@ -241,6 +260,11 @@ class PipelineLayer(CacheLayerMixin):
                         [[values[i, j, ix] for j, ix in enumerate(row)] for i, row in enumerate(per_head)])
                 return
             idx = sel.select(inputs)
+            if sel.spills:  # every token is written; the unselected ones leave the GPU tier for the host tier
+                self.store.append(keys, values)
+                if idx is not None:
+                    self.store.keep(idx)
+                return
             if sel.decode_time:
                 self.scores = sel.score(inputs).float()
             if idx is not None:
@@ -279,11 +303,23 @@ class KVCache(Cache):
     def stored_tokens(self) -> list[int]:
         return [len(layer.store) for layer in self.layers]
 
+    def begin_turn(self) -> None:
+        """The next forward is a new turn's prompt (a follow-up question): prefill-time selectors re-select after
+        its attention with its queries as the window (a spilling selector recalls the top pages); decode-time
+        selectors keep evicting on their own schedule."""
+        sel = self.stages.selector
+        if sel is not None and not sel.decode_time:
+            for layer in self.layers:
+                layer.turn_start = True
+
     @classmethod
     def from_record(cls, record: PrefillRecord, pipeline: Pipeline | Stages, *, seed: int = 0,
-                    device: torch.device | str | None = None) -> "KVCache":
+                    device: torch.device | str | None = None, defer_selection: bool = False) -> "KVCache":
         """Build the cache a pipeline would hold after this prompt, without running the model. The cache lives
-        on ``device`` (default: where the record is); a record kept in host memory is copied there."""
+        on ``device`` (default: where the record is); a record kept in host memory is copied there.
+        ``defer_selection`` (a shared context whose question comes in the next turn): prefill-time selectors
+        that read the question store every token now and select at the first :meth:`begin_turn`; decode-time
+        and query-agnostic selectors select here as usual."""
         if device is not None:
             record = record.to(device)
         cache = cls(pipeline, len(record.layers), seed=seed)
@@ -293,6 +329,9 @@ class KVCache(Cache):
             sel = cache.stages.selector
             if sel is not None and "attention_sums" in sel.needs and rec.attention_sums is None:
                 raise ValueError(f"{sel.name} needs attention sums; prefill_record(..., attention_sums=True)")
+            if defer_selection and sel is not None and not sel.decode_time and not sel.query_agnostic:
+                layer.store.append(rec.keys, rec.values)
+                continue
             layer.compress(rec.keys, rec.values, rec.window_queries, rec.attention_sums, rec.scaling)
         return cache
 

@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from kvtune.measure.kernels_cost import CostSetup, measure_cost
-from kvtune.errors import UserError
-from kvtune.pipeline import Measured, Pipeline, Stage, Switches
+from kvtune.errors import UserError, printable
+from kvtune.pipeline import Measured, Pipeline, Stage, Switches, validate_pipeline
 from kvtune.measure.quality import EvalConfig, EvalSet, evaluate_quality
 from kvtune.strategies import Stages
 from kvtune.scenarios import Scenario
+from kvtune.storage import fail_dead_trials, mark_worker, open_storage, redact_text, redact_url
 from kvtune.strategies import AXES, NONE
 
 ATTR_PIPELINE = "pipeline"
@@ -171,11 +172,14 @@ def run_study(ctx: SearchContext, *, trials: int, storage: str, study_name: str,
     sampler = optuna.samplers.TPESampler(
         seed=ctx.seed, multivariate=True, group=True, n_startup_trials=max(4, min(10, trials // 3)),
     )
+    opened = open_storage(storage)  # heartbeat + retry of trials whose process died (kvtune/storage.py)
     try:
-        study = optuna.create_study(storage=storage, study_name=study_name, sampler=sampler,
+        study = optuna.create_study(storage=opened, study_name=study_name, sampler=sampler,
                                     directions=["minimize", "minimize", "minimize"], load_if_exists=True)
     except Exception as exc:  # noqa: BLE001 - storage errors come in many types; report one line
-        raise UserError(f"--storage: cannot open study '{study_name}' ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        raise UserError(f"--storage {redact_url(storage)}: cannot open study '{printable(study_name)}' "
+                        f"({type(exc).__name__}: {redact_text(str(exc).strip().splitlines()[0] if str(exc).strip() else '', storage)})") from None
+    fail_dead_trials(study)
     known = study.user_attrs.get("fingerprint")
     if known is None:
         study.set_user_attr("fingerprint", fingerprint)
@@ -190,15 +194,19 @@ def run_study(ctx: SearchContext, *, trials: int, storage: str, study_name: str,
     done: dict[str, Pipeline] = {}
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         if ATTR_PIPELINE in t.user_attrs:
-            p = Pipeline.model_validate(t.user_attrs[ATTR_PIPELINE])
+            where = f"study '{printable(study_name)}' trial {t.number}"
+            p = Pipeline.from_dict(t.user_attrs[ATTR_PIPELINE], where=where)
+            validate_pipeline(p, where=where)
             done.setdefault(p.label(), p)
-    resumed = len(study.trials)
-    if resumed == 0:
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    resumed = sum(t.state in finished for t in study.get_trials(deepcopy=False))  # not RUNNING/FAIL/WAITING
+    if not study.trials:
         study.enqueue_trial({"selection": NONE, "codec": "fp16", "placement": "gpu"})
     outcome = StudyOutcome(study_name=study_name, trials=[], resumed_trials=resumed)
     started = time.perf_counter()
 
     def objective(trial: Any) -> tuple[float, float, float]:
+        mark_worker(trial)
         pipeline = suggest_pipeline(trial, ctx.scenario)
         label = pipeline.label()
         if label in done:
@@ -236,12 +244,3 @@ def run_study(ctx: SearchContext, *, trials: int, storage: str, study_name: str,
     outcome.seconds = time.perf_counter() - started
     return outcome
 
-
-def redact_url(url: str) -> str:
-    """A storage URL safe to print: any password replaced by ***."""
-    if "://" not in url or "@" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{user}@{host}"

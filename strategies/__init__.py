@@ -25,6 +25,8 @@ from kvtune.strategies.pyramidkv import PyramidKV
 from kvtune.strategies.random_select import Random
 from kvtune.strategies.sliding_window import SlidingWindow
 from kvtune.strategies.snapkv import SnapKV
+from kvtune.strategies.snapkv_agnostic import SnapKVAgnostic
+from kvtune.strategies.spill_recall import SpillRecall
 from kvtune.strategies.stages import Stages
 from kvtune.strategies.streaming_llm import StreamingLLM
 from kvtune.strategies.tova import TOVA
@@ -32,7 +34,8 @@ from kvtune.strategies.tova import TOVA
 NONE = "none"  # selection method that keeps every token
 
 SELECTORS: dict[str, type[Selector]] = {
-    cls.name: cls for cls in (StreamingLLM, SnapKV, H2O, PyramidKV, AdaKV, TOVA, KNorm, SlidingWindow, Random)
+    cls.name: cls for cls in (StreamingLLM, SnapKV, H2O, PyramidKV, AdaKV, TOVA, KNorm, SlidingWindow, Random,
+                              SnapKVAgnostic, SpillRecall)
 }
 CODECS: dict[str, type[Codec]] = {cls.name: cls for cls in (FP16, BF16, FP8, Int8, KIVI, LowRank, Mixed)}
 PLACEMENTS: dict[str, type[Placement]] = {cls.name: cls for cls in (GPU, Offload)}
@@ -79,6 +82,14 @@ def build(axis: str, method: str, params: dict[str, Any] | None = None) -> Strat
         raise UserError(f"{axis}.params ({method}): {exc}") from None
 
 
+def multiturn_safe(axis: str) -> tuple[str, ...]:
+    """Methods of ``axis`` that never drop a token for good (``Strategy.multiturn_safe``), in registry order;
+    selection ``none`` included. The ``multi-turn`` scenario allows exactly these."""
+    load_plugins()
+    names = tuple(name for name, cls in AXES[axis].items() if cls.multiturn_safe())
+    return ((NONE,) + names) if axis == "selection" else names
+
+
 def codec_bytes_per_token(method: str, params: dict[str, Any], spec: Any, tokens: int = 4096) -> float:
     """K+V bytes per token over all layers for ``spec`` (a ModelSpec) with this codec, scales included."""
     import torch
@@ -92,5 +103,5 @@ def codec_bytes_per_token(method: str, params: dict[str, Any], spec: Any, tokens
 
 __all__ = [
     "AXES", "CODECS", "PLACEMENTS", "SELECTORS", "NONE", "Codec", "Placement", "ScoreInputs", "Selector",
-    "Stages", "Store", "Strategy", "build", "codec_bytes_per_token", "load_plugins",
+    "Stages", "Store", "Strategy", "build", "codec_bytes_per_token", "load_plugins", "multiturn_safe",
 ]

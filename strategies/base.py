@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -85,6 +85,12 @@ class Strategy(ABC):
         return asdict(self)  # type: ignore[call-overload]
 
     @classmethod
+    def multiturn_safe(cls) -> bool:
+        """Never drops a token for good, so a later turn can still use every token (codecs and placements
+        keep every token; selectors say so through ``drops_tokens``)."""
+        return True
+
+    @classmethod
     def param_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]  # type: ignore[arg-type]
 
@@ -111,7 +117,9 @@ class Selector(Strategy):
     needs: ClassVar[frozenset[str]] = frozenset()  # "window_queries" and/or "attention_sums"
     decode_time: ClassVar[bool] = False
     ragged: ClassVar[bool] = False  # per-head budgets: select_ragged, stored per head
-    drops_tokens: ClassVar[bool] = True
+    drops_tokens: ClassVar[bool] = True  # False: evicted tokens are kept off the GPU and may come back
+    spills: ClassVar[bool] = False  # the store keeps unselected tokens in a host tier (see wrap_store)
+    query_agnostic: ClassVar[bool] = False  # selects when the context is prefilled, before any question
 
     budget: Budget = 0.5
     sinks: int = 4
@@ -130,6 +138,15 @@ class Selector(Strategy):
             raise ValueError(f"recompress_every must be an int in 0..4096 (0 = never), got {self.recompress_every!r}")
         if self.recompress_every and self.decode_time:
             raise ValueError(f"recompress_every: {self.name} already re-selects at every decode step; leave it 0")
+
+    @classmethod
+    def multiturn_safe(cls) -> bool:
+        return not cls.drops_tokens
+
+    def wrap_store(self, gpu_factory: Callable[[], "Store"]) -> "Store":
+        """The store one layer of this selector's cache uses, given a factory of the codec's store: that store
+        by default; a spilling selector (``spills``) wraps it in a GPU tier over a host tier."""
+        return gpu_factory()
 
     def layer_keep(self, tokens: int, layer_idx: int, num_layers: int) -> int:
         """Tokens this layer keeps out of ``tokens`` seen. Uniform by default; summed over the layers it equals
@@ -216,6 +233,14 @@ class Store(ABC):
     @abstractmethod
     def __len__(self) -> int:
         """Tokens held per head."""
+
+    def reselectable(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens a re-selection chooses from, decoded: those held (a tiered store: every token seen)."""
+        return self.decoded()
+
+    def reselect(self, idx: torch.Tensor) -> None:
+        """Keep ``idx`` (B, H, K), indices into :meth:`reselectable`, for attention."""
+        self.keep(idx)
 
     def attend(self, query: torch.Tensor, scale: float, return_probs: bool = False):
         """One decode step's attention over the stored form: query (B, Hq, D) -> (out (B, Hq, D), probs).

@@ -7,12 +7,15 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from kvtune import __version__
 from kvtune.commands.common import DEVICE_HELP, OutputFormat, emit, needs_attention_sums, prepare, stderr
-from kvtune.errors import UserError
-from kvtune.io import atomic_write_text, check_writable
-from kvtune.pipeline import Provenance, load_pipeline, utc_now
+from kvtune.io import atomic_write_text, show
+from kvtune.pipeline import Provenance, utc_now, validate_pipeline
+from kvtune.preflight import evaluate_inputs
+from kvtune.scenarios import get_scenario
+from kvtune.search import SearchContext, measure
 from kvtune.report import print_measured
 
 
@@ -32,20 +35,12 @@ def evaluate(
     format: Annotated[OutputFormat, typer.Option("--format", "-f", help="stdout: table, json or yaml")] = OutputFormat.table,
 ) -> None:
     """Measure one pipeline (quality against the full cache, bytes, decode latency, capacity)."""
-    from kvtune.strategies import Stages
-    from kvtune.search import SearchContext, measure
-    from kvtune.scenarios import get_scenario
-
-    given = load_pipeline(pipeline)
-    Stages.of(given)  # reject unknown methods/parameters before loading anything
-    if output is not None:
-        check_writable(output, overwrite=force)
-        if output.resolve() == pipeline.resolve() and not force:
-            raise UserError(f"-o {output}: is the input pipeline; pass --force to replace it with the measured copy")
+    given = evaluate_inputs(pipeline=pipeline, output=output, force=force, context=context)  # before any loading
     needs_sums = needs_attention_sums(given.selection.method)
     prep = prepare(model=model, trust_remote_code=trust_remote_code, profile=profile, hardware=hardware,
                    target=target, context=context, quick=quick, attention_sums=needs_sums, seed=seed,
                    device=device)
+    validate_pipeline(given, spec=prep.loaded.spec, where=show(pipeline))  # shapes of the model it runs on
     ctx = SearchContext(model=prep.loaded.model, evalset=prep.evalset, eval_config=prep.eval_config,
                         cost=prep.cost, scenario=get_scenario("multi-turn"), seed=seed)
     with stderr.status(f"measuring {given.label()} ..."):
@@ -60,4 +55,4 @@ def evaluate(
         emit(result.to_dict(), format)
     if output is not None:
         atomic_write_text(output, result.to_yaml(), overwrite=force)
-        stderr.print(f"wrote {output}")
+        stderr.print(f"wrote {escape(show(output))}")

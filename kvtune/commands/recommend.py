@@ -9,15 +9,18 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kvtune import __version__
 from kvtune.commands.common import DEVICE_HELP, OutputFormat, emit, needs_attention_sums, prepare, stderr
-from kvtune.errors import UserError
+from kvtune.errors import UserError, printable
 from kvtune.io import atomic_write_text, check_writable
 from kvtune.pipeline import Pipeline, Provenance, utc_now
+from kvtune.preflight import recommend_inputs
 from kvtune.report import front_table, print_measured
 from kvtune.scenarios import SCENARIOS, get_scenario
+from kvtune.storage import redact_url
 
 DEFAULT_OUTPUT = "kvtune-pipeline.yaml"
 DEFAULT_STORAGE = "sqlite:///kvtune-study.db"
@@ -69,12 +72,9 @@ def recommend(
     """Search KV-cache pipelines for a scenario, measuring every candidate on a real model; write the best."""
     scen = get_scenario(scenario)
     backup = guard_output(output, force)
-    targets = None
-    if export:
-        from kvtune.export import parse_targets
-
-        targets = parse_targets([export])
-    from kvtune.search import SearchContext, choose, redact_url, run_study
+    targets = recommend_inputs(storage=storage, export=export, export_dir=export_dir, context=context,
+                               force=force).targets  # storage, exports, context: before the model loads
+    from kvtune.search import SearchContext, choose, run_study
 
     needs_sums = any(needs_attention_sums(m) for m in scen.selection)
     prep = prepare(model=model, trust_remote_code=trust_remote_code, profile=profile, hardware=hardware,
@@ -89,7 +89,7 @@ def recommend(
                                                      "quick" if quick else "full"))
     ctx = SearchContext(model=prep.loaded.model, evalset=prep.evalset, eval_config=prep.eval_config,
                         cost=prep.cost, scenario=scen, seed=seed)
-    stderr.print(f"study '{name}' in {redact_url(storage)}; scenario {scen.name}: {scen.summary}")
+    stderr.print(f"study '{escape(printable(name))}' in {escape(redact_url(storage))}; scenario {scen.name}: {scen.summary}")
     started = time.perf_counter()
     with Progress(TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.description}"), console=stderr, transient=False) as bar:

@@ -8,7 +8,7 @@ import pytest
 from kvtune.errors import UserError
 from kvtune.pipeline import CostResult, Measured, Pipeline, QualityResult, Stage
 from kvtune.scenarios import SCENARIOS, get_scenario
-from kvtune.search import choose, pareto_front, precheck, redact_url, suggest_pipeline
+from kvtune.search import choose, pareto_front, precheck, suggest_pipeline
 from kvtune.strategies import AXES, NONE
 from kvtune.measure.kernels_cost import CostSetup
 from kvtune.modelspec import ModelSpec
@@ -85,8 +85,3 @@ def test_precheck_rejects_what_cannot_fit():
     assert "16.00 GiB" in precheck(full, tiny)  # 128 KiB/token * 128K tokens
     kivi2 = Stages.of(Pipeline(codec=Stage(method="kivi", params={"bits": 2})))
     assert precheck(kivi2, tiny) is None
-
-
-def test_storage_url_credentials_are_never_printed():
-    assert redact_url("postgresql://kv:s3cret@db:5432/optuna") == "postgresql://kv:***@db:5432/optuna"
-    assert redact_url("sqlite:///kvtune-study.db") == "sqlite:///kvtune-study.db"

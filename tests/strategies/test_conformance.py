@@ -40,6 +40,8 @@ SELECTOR_CASES: dict[str, dict] = {
     "knorm": {"recent": 4},
     "sliding_window": {},
     "random": {"seed": 3, "sinks": 1, "recent": 2},
+    "snapkv_agnostic": {"window": 8, "kernel": 5, "recent": 8},
+    "spill_recall": {"page_size": 8, "window": 8, "sinks": 2, "recent": 4},
 }
 CODEC_CASES: dict[str, dict] = {
     "fp16": {},
