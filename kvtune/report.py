@@ -12,12 +12,21 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.0f}%"
 
 
+def _speed(p: Pipeline) -> tuple[str, str, str, str]:
+    sv = p.measured.serving if p.measured else None
+    if sv is None:
+        return "-", "-", "-", "-"
+    return f"{sv.tokens_per_s:,.1f}", f"{sv.tpot_ms:,.2f}", f"{sv.ttft_ms:,.0f}", f"{sv.batch:,}"
+
+
 def front_table(front: list[Pipeline], recommended: Pipeline | None, max_loss: float | None = None,
                 title: str = "Pareto front") -> Table:
-    table = Table(title=title)
+    target = next((p.measured.serving for p in front if p.measured and p.measured.serving), None)
+    at = f" @ {target.tpot_target_ms:g} ms" if target is not None and target.tpot_target_ms else ""
+    table = Table(title=title + (f" - serving figures for {target.target}" if target is not None else ""))
     for col, just in (("", "left"), ("pipeline", "left"), ("quality loss", "right"), ("KL", "right"),
                       ("top-1", "right"), ("passkey", "right"), ("bytes/token", "right"), ("x smaller", "right"),
-                      ("decode ms", "right"), ("capacity", "right")):
+                      (f"tokens/s{at}", "right"), ("TPOT ms", "right"), ("TTFT ms", "right"), ("batch", "right")):
         table.add_column(col, justify=just, overflow="fold")  # type: ignore[arg-type]
     for p in front:
         m = p.measured
@@ -28,9 +37,40 @@ def front_table(front: list[Pipeline], recommended: Pipeline | None, max_loss: f
         table.add_row(
             mark, p.label(), f"{m.quality.quality_loss:.4f}", f"{m.quality.kl_mean:.4f}",
             _pct(m.quality.top1_agreement), _pct(m.quality.passkey_accuracy), f"{m.cost.bytes_per_token:,.0f}",
-            f"{m.cost.compression_ratio:.2f}", f"{m.cost.decode_latency_ms + m.cost.transfer_ms:.2f}",
-            f"{m.cost.capacity_seqs:,}",
+            f"{m.cost.compression_ratio:.2f}", *_speed(p),
         )
+    return table
+
+
+def side_by_side(best: Pipeline, full: Pipeline) -> Table:
+    """The recommendation and the full cache on the target, each figure with its provenance."""
+    b, f = best.measured.serving, full.measured.serving  # type: ignore[union-attr]
+    assert b is not None and f is not None
+    table = Table(title=f"On {b.target} over the workload (TPOT target {b.tpot_target_ms:g} ms)"
+                  if b.tpot_target_ms else f"On {b.target} over the workload")
+    for col, just in (("figure", "left"), ("recommended", "right"), ("full cache", "right"), ("source", "left")):
+        table.add_column(col, justify=just, overflow="fold")  # type: ignore[arg-type]
+
+    def src(key: str) -> str:
+        return b.provenance.get(key, "-")
+
+    bc, fc = best.measured.cost, full.measured.cost  # type: ignore[union-attr]
+    rows = [
+        ("KV bytes/token", f"{bc.bytes_per_token:,.0f}", f"{fc.bytes_per_token:,.0f}", src("bytes_per_token")),
+        ("batch (fits / at target)", f"{b.max_batch:,} / {b.batch:,}", f"{f.max_batch:,} / {f.batch:,}", src("max_batch")),
+        ("TPOT ms", f"{b.tpot_ms:,.2f}", f"{f.tpot_ms:,.2f}", src("tpot_ms")),
+        ("  weights / KV / compute ms", f"{b.weights_ms:,.2f} / {b.kv_ms:,.2f} / {b.compute_ms:,.2f}",
+         f"{f.weights_ms:,.2f} / {f.kv_ms:,.2f} / {f.compute_ms:,.2f}", "parts of the step"),
+        ("  offload copy (exposed) ms", f"{b.copy_ms:,.2f} ({b.exposed_copy_ms:,.2f})",
+         f"{f.copy_ms:,.2f} ({f.exposed_copy_ms:,.2f})", "tier read rate from the profile (kvtune.measure.tiers)"),
+        ("output tokens/s", f"{b.tokens_per_s:,.1f}", f"{f.tokens_per_s:,.1f}", src("tokens_per_s")),
+        ("TTFT ms (median prompt)", f"{b.ttft_ms:,.0f}", f"{f.ttft_ms:,.0f}", src("ttft_ms")),
+        ("prefix hits device / host+disk", f"{_pct(b.hit_rate_device)} / {_pct(b.hit_rate_lower)}",
+         f"{_pct(f.hit_rate_device)} / {_pct(f.hit_rate_lower)}", src("hit_rates")),
+        ("decode context, tokens", f"{b.decode_context:,.0f}", f"{f.decode_context:,.0f}", src("decode_context")),
+    ]
+    for row in rows:
+        table.add_row(*row)
     return table
 
 
@@ -48,11 +88,23 @@ def measured_lines(p: Pipeline) -> list[str]:
         f"memory        {c.bytes_per_token:,.0f} bytes/token vs {c.bytes_per_token_full:,.0f} full "
         f"({c.compression_ratio:.2f}x smaller)",
         f"capacity      {c.capacity_seqs:,} sequences of {c.context_tokens:,} tokens vs {c.capacity_full_seqs:,} "
-        f"full, in {c.memory_budget_bytes / 2**30:.2f} GiB",
-        f"decode        {c.decode_latency_ms:.3f} ms attention/step vs {c.decode_latency_full_ms:.3f} ms full"
-        + (f", +{c.transfer_ms:.3f} ms exposed transfer" if c.transfer_ms else "")
-        + f" [{c.backend} on {c.device}]",
+        f"full, in a {c.memory_budget_bytes / 2**30:.2f} GiB device pool",
     ]
+    if c.decode_latency_ms is not None and c.decode_latency_full_ms is not None:
+        lines.append(f"attention     {c.decode_latency_ms:.3f} ms/step vs {c.decode_latency_full_ms:.3f} ms full, one "
+                     f"sequence (measured: {c.backend} on {c.device})")
+    sv = m.serving
+    if sv is not None:
+        target = f" (target {sv.tpot_target_ms:g} ms)" if sv.tpot_target_ms else ""
+        lines += [
+            f"serving       {sv.tokens_per_s:,.1f} output tokens/s on {sv.target} at batch {sv.batch:,} "
+            f"(fits {sv.max_batch:,}, bound: {sv.batch_bound}); TPOT {sv.tpot_ms:,.2f} ms{target}; "
+            f"TTFT {sv.ttft_ms:,.0f} ms",
+            f"prefix cache  {_pct(sv.hit_rate_device)} of prompt tokens from the device, "
+            f"{_pct(sv.hit_rate_lower)} from host/disk, {_pct(sv.prompt_recomputed)} prefilled again",
+        ]
+        lines += [f"source        {k}: {v}" for k, v in sv.provenance.items()]
+        lines += [f"note          {n}" for n in sv.notes]
     lines += [f"note          {n}" for n in c.notes]
     return lines
 

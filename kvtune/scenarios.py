@@ -18,12 +18,13 @@ ALL_CODECS = ("fp16", "fp8", "int8", "kivi", "lowrank", "mixed")
 LOSSLESS_CODECS = ("fp16",)
 ALL_PLACEMENTS = ("gpu", "offload")
 
-# what decides among feasible Pareto-optimal candidates
+# what decides among feasible Pareto-optimal candidates (figures from kvtune.measure.serving)
 PREFERENCES = {
-    "capacity": "most concurrent sequences in the memory budget (then lower quality loss)",
-    "memory": "fewest KV bytes per token (then lower quality loss)",
-    "latency": "lowest decode latency including exposed offload transfer (then lower quality loss)",
-    "quality": "lowest quality loss (then more capacity)",
+    "throughput": "most output tokens/s at the TPOT target on the target hardware, prefill included (then lower "
+                  "quality loss)",
+    "memory": "fewest KV bytes per token, i.e. the longest context that fits (then lower quality loss)",
+    "ttft": "shortest time to first token of the median prompt (then lower quality loss)",
+    "quality": "lowest quality loss (then more tokens/s)",
 }
 
 
@@ -36,6 +37,7 @@ class Scenario:
     placements: tuple[str, ...]
     max_quality_loss: float  # feasibility: quality_loss must be <= this
     prefer: str  # a key of PREFERENCES
+    tpot_ms: float = 100.0  # default time-per-output-token target (--tpot-ms overrides)
     prefix_caching: bool = True
     why: str = ""
     advice: tuple[str, ...] = field(default=())
@@ -48,7 +50,7 @@ class Scenario:
         return {
             "name": self.name, "summary": self.summary, "selection": list(self.selection),
             "codecs": list(self.codecs), "placements": list(self.placements),
-            "max_quality_loss": self.max_quality_loss, "prefer": self.prefer,
+            "max_quality_loss": self.max_quality_loss, "prefer": self.prefer, "tpot_ms": self.tpot_ms,
             "prefer_means": PREFERENCES[self.prefer], "prefix_caching": self.prefix_caching, "why": self.why,
             "advice": list(self.advice),
         }
@@ -59,7 +61,7 @@ SCENARIOS: dict[str, Scenario] = {
     for s in (
         Scenario(
             "long-context", "a single request beyond 1M tokens", ALL_SELECTION, ALL_CODECS, ALL_PLACEMENTS,
-            max_quality_loss=0.5, prefer="memory", prefix_caching=False,
+            max_quality_loss=0.5, prefer="memory", prefix_caching=False, tpot_ms=200.0,
             why="the KV of one sequence outgrows GPU memory: every byte per token counts, moderate loss accepted",
             advice=("Prefer models whose attention keeps KV small: GQA with few KV heads, MLA latent KV "
                     "(DeepSeek-V2/V3), or interleaved sliding-window layers (Gemma 2/3).",),
@@ -67,7 +69,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             "minimal-change", "no model or kernel modification: stock serving-stack flags only",
             ("none",), ("fp16", "fp8"), ALL_PLACEMENTS,
-            max_quality_loss=0.05, prefer="capacity",
+            max_quality_loss=0.05, prefer="throughput",
             why="only what vLLM/SGLang/TensorRT-LLM support natively: fp8 KV and CPU offload, no eviction",
             advice=("Without runtime changes the remaining lever is the model: a GQA model with fewer KV heads "
                     "(Llama 3, Qwen 2.5) or an MLA model (DeepSeek-V2/V3) stores several times less KV per "
@@ -75,7 +77,7 @@ SCENARIOS: dict[str, Scenario] = {
         ),
         Scenario(
             "datacenter", "high-throughput serving of many concurrent requests", ALL_SELECTION, ALL_CODECS,
-            ("gpu",), max_quality_loss=0.1, prefer="capacity",
+            ("gpu",), max_quality_loss=0.1, prefer="throughput",
             why="throughput grows with batch size, which the KV memory per sequence bounds",
             advice=("If capacity is still short: MLA (DeepSeek-V2/V3) caches one latent per token instead of "
                     "per-head K/V; models with interleaved sliding-window layers (Gemma 2/3, Mistral's early "
@@ -83,13 +85,13 @@ SCENARIOS: dict[str, Scenario] = {
         ),
         Scenario(
             "edge", "memory-limited device", ALL_SELECTION, ALL_CODECS, ("gpu",),
-            max_quality_loss=0.3, prefer="memory",
+            max_quality_loss=0.3, prefer="memory", tpot_ms=200.0,
             why="the memory budget is the binding constraint; no host tier to offload to",
             advice=("On very small memory, a smaller model with GQA/MQA often beats aggressive KV compression.",),
         ),
         Scenario(
             "multi-turn", "conversations that come back to earlier turns", ("none",), ALL_CODECS, ALL_PLACEMENTS,
-            max_quality_loss=0.1, prefer="capacity",
+            max_quality_loss=0.1, prefer="throughput", tpot_ms=50.0,
             why="tokens evicted in one turn are gone for the next: never drop for good; compress or offload instead",
             advice=("Long conversations grow without bound under every lossless-or-compressed stage; hybrid "
                     "models with linear-attention or state-space layers (Jamba, Zamba, RecurrentGemma) keep a "
@@ -99,7 +101,7 @@ SCENARIOS: dict[str, Scenario] = {
             "prefill-heavy", "long prompts, short answers: time to first token first",
             ("none", "streaming_llm", "snapkv", "pyramidkv", "knorm", "sliding_window"), ("fp16", "fp8", "int8"),
             ("gpu",),
-            max_quality_loss=0.1, prefer="latency",
+            max_quality_loss=0.1, prefer="ttft",
             why="no stage that adds prefill work (H2O's full attention scores, multi-bit packing); light codecs only",
             advice=("Time to first token is set by prefill compute, which no KV stage removes; sliding-window "
                     "or linear-attention layers (Gemma 2/3, Mistral 7B v0.1, hybrid SSM models) cut it, but "
@@ -107,7 +109,7 @@ SCENARIOS: dict[str, Scenario] = {
         ),
         Scenario(
             "accuracy-critical", "outputs must not change", ("none",), LOSSLESS_CODECS, ALL_PLACEMENTS,
-            max_quality_loss=0.0, prefer="capacity",
+            max_quality_loss=0.0, prefer="throughput",
             why="lossless stages only: the full cache, optionally offloaded (offload moves bytes, not values)",
             advice=("For more capacity without loss: prefix caching, a GQA/MLA model, or more GPU memory.",),
         ),

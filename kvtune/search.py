@@ -1,11 +1,11 @@
 """The search: an Optuna multi-objective study over composed pipelines, every trial measured for real.
 
-Objectives (all minimized): quality loss, KV bytes per token, decode latency (attention plus the offload
-transfer prefetch does not hide). A scenario restricts each axis's methods and sets a quality-loss ceiling,
-given to the sampler as a constraint (a trial above it is infeasible, not discarded). Before a trial costs
-anything, an analytic pre-check rejects candidates whose KV for one sequence cannot fit the memory budget
-(pruned, with the reason kept on the trial). A trial that runs out of memory is recorded as failed and the
-study goes on.
+Objectives (all minimized): quality loss, the deployment's speed on the target hardware from the serving model
+(minus output tokens/s at the scenario's TPOT target; time to first token for a scenario that prefers it), and
+KV bytes per token. A scenario restricts each axis's methods and sets a quality-loss ceiling, given to the
+sampler as a constraint (a trial above it is infeasible, not discarded). Before a trial costs anything, a
+pre-check rejects candidates whose KV for one sequence cannot be placed in the target's tiers (pruned, with the
+reason kept on the trial). A trial that runs out of memory is recorded as failed and the study goes on.
 
 The first trial of a new study is always the full cache, so every report has its baseline. Each trial's
 complete measured pipeline is stored on the trial (``user_attrs["pipeline"]``), so a resumed study (same
@@ -17,28 +17,37 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from kvtune.measure.kernels_cost import CostSetup, measure_cost
 from kvtune.errors import UserError, printable
-from kvtune.pipeline import Measured, Pipeline, Stage, Switches, validate_pipeline
+from kvtune.measure.kernels_cost import measure_cost
 from kvtune.measure.quality import EvalConfig, EvalSet, evaluate_quality
-from kvtune.strategies import Stages
+from kvtune.measure.target import Target
+from kvtune.pipeline import Measured, Pipeline, Stage, Switches, validate_pipeline
 from kvtune.scenarios import Scenario
 from kvtune.storage import fail_dead_trials, mark_worker, open_storage, redact_text, redact_url
-from kvtune.strategies import AXES, NONE
+from kvtune.strategies import AXES, NONE, Stages
 
 ATTR_PIPELINE = "pipeline"
 ATTR_REASON = "infeasible"
 
 
-def objectives(p: Pipeline) -> tuple[float, float, float]:
+def speed(p: Pipeline, prefer: str) -> float:
+    """The speed objective (minimized): time to first token for ``ttft``, else minus tokens/s at the target."""
+    sv = p.measured.serving  # type: ignore[union-attr]
+    if sv is None:
+        return math.inf
+    return sv.ttft_ms if prefer == "ttft" else -sv.tokens_per_s
+
+
+def objectives(p: Pipeline, prefer: str = "throughput") -> tuple[float, float, float]:
     m = p.measured
     assert m is not None
-    return (m.quality.quality_loss, m.cost.bytes_per_token, m.cost.decode_latency_ms + m.cost.transfer_ms)
+    return (m.quality.quality_loss, speed(p, prefer), m.cost.bytes_per_token)
 
 
 def suggest_pipeline(trial: Any, scenario: Scenario) -> Pipeline:
@@ -52,27 +61,12 @@ def suggest_pipeline(trial: Any, scenario: Scenario) -> Pipeline:
     return Pipeline(**stages, switches=Switches(prefix_caching=scenario.prefix_caching))
 
 
-def precheck(stages: Stages, cost: CostSetup) -> str | None:
-    """Why this candidate cannot work at all (without running it), or None."""
-    spec, ctx = cost.spec, cost.context_tokens
-    sel, codec = stages.selector, stages.codec
-    per_seq = 0
-    for i in range(spec.layers):
-        kept = sel.layer_keep(ctx, i, spec.layers) if sel is not None else ctx
-        per_seq += codec.layer_nbytes(i, spec.layers, 1, spec.kv_heads, kept, spec.head_dim, cost.dtype)
-    on_gpu = per_seq * stages.placement.gpu_fraction_held()
-    if on_gpu > cost.memory_budget_bytes:
-        return (f"one sequence of {ctx} tokens needs {on_gpu / 2**30:.2f} GiB of KV on the device, "
-                f"budget is {cost.memory_budget_bytes / 2**30:.2f} GiB")
-    return None
-
-
 @dataclass
 class SearchContext:
     model: Any
     evalset: EvalSet
     eval_config: EvalConfig
-    cost: CostSetup
+    target: Target
     scenario: Scenario
     seed: int = 0
 
@@ -82,16 +76,19 @@ def measure(ctx: SearchContext, pipeline: Pipeline, trial_number: int | None = N
     stages = Stages.of(pipeline)
     started = time.perf_counter()
     quality = evaluate_quality(ctx.model, ctx.evalset, stages, ctx.eval_config, ctx.seed)
-    cost = measure_cost(stages, ctx.cost, ctx.seed)
-    measured = Measured(quality=quality, cost=cost, trial=trial_number,
+    cost = measure_cost(stages, ctx.target.cost, ctx.seed)
+    serving = ctx.target.price(stages, pipeline, cost.bytes_per_token)
+    measured = Measured(quality=quality, cost=cost, serving=serving, trial=trial_number,
                         seconds=round(time.perf_counter() - started, 3))
     return pipeline.model_copy(update={"measured": measured})
 
 
 def eval_fingerprint(ctx: SearchContext, model_source: str) -> str:
     """What must not change between runs of one study: model, evaluation set, cost setup, scenario."""
+    t = ctx.target
     doc = {"model": model_source, "eval": ctx.eval_config.__dict__, "scenario": ctx.scenario.name,
-           "spec": ctx.cost.spec.name, "context": ctx.cost.context_tokens}
+           "spec": t.spec.name, "context": t.cost.context_tokens, "hardware": t.hardware.name, "tpot": t.tpot_ms,
+           "workload": t.workload.name if t.workload is not None else None}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -105,57 +102,58 @@ class StudyOutcome:
     resumed_trials: int = 0
     seconds: float = 0.0
 
-    def pareto(self) -> list[Pipeline]:
-        return pareto_front(self.trials)
+    def pareto(self, prefer: str = "throughput") -> list[Pipeline]:
+        return pareto_front(self.trials, prefer)
 
 
-def pareto_front(pipelines: list[Pipeline]) -> list[Pipeline]:
+def pareto_front(pipelines: list[Pipeline], prefer: str = "throughput") -> list[Pipeline]:
     """Non-dominated pipelines on the three objectives (duplicates by label kept once)."""
     seen: dict[str, Pipeline] = {}
     for p in pipelines:
         seen.setdefault(p.label(), p)
     pts = list(seen.values())
+    objs = {p.label(): objectives(p, prefer) for p in pts}
     front = []
     for p in pts:
-        op = objectives(p)
+        op = objs[p.label()]
         dominated = any(
-            all(a <= b for a, b in zip(objectives(q), op)) and any(a < b for a, b in zip(objectives(q), op))
+            all(a <= b for a, b in zip(objs[q.label()], op)) and any(a < b for a, b in zip(objs[q.label()], op))
             for q in pts if q is not p
         )
         if not dominated:
             front.append(p)
-    return sorted(front, key=objectives)
+    return sorted(front, key=lambda p: objs[p.label()])
 
 
-def offload_hidden(p: Pipeline) -> bool:
-    """An offload placement counts only if the copy prefetch cannot hide is at most the full cache's own
-    decode-attention time (it may at most double the attention step); otherwise it trades latency for capacity
-    in a way no preference below sees."""
-    c = p.measured.cost  # type: ignore[union-attr]
-    return c.transfer_ms <= c.decode_latency_full_ms
+def copy_hidden(p: Pipeline) -> bool:
+    """No tier may expose more copy time than the step it serves: the copy prefetch cannot hide is at most the
+    rest of the step (so offload at most doubles the step time)."""
+    sv = p.measured.serving  # type: ignore[union-attr]
+    return sv is None or sv.exposed_copy_ms <= sv.tpot_ms - sv.exposed_copy_ms + 1e-9
+
+
+def feasible(p: Pipeline, scenario: Scenario) -> bool:
+    m = p.measured
+    return (m is not None and m.quality.quality_loss <= scenario.max_quality_loss + 1e-12 and copy_hidden(p)
+            and (m.serving is None or scenario.prefer in ("memory", "ttft") or m.serving.batch > 0))
 
 
 def choose(pipelines: list[Pipeline], scenario: Scenario) -> tuple[Pipeline | None, bool]:
     """The scenario's pick among feasible Pareto-optimal trials: (pipeline, feasible). Feasible: quality loss
-    within the scenario's ceiling and any offload copy mostly hidden (:func:`offload_hidden`). If nothing is
-    feasible, the lowest-loss trial is returned with ``feasible=False``."""
+    within the scenario's ceiling, no offload copy exposed beyond the step it serves (:func:`copy_hidden`), and
+    for a throughput preference at least one sequence meeting the TPOT target. If nothing is feasible, the
+    lowest-loss trial is returned with ``feasible=False``."""
     if not pipelines:
         return None, False
-    feasible = [p for p in pipelines if p.measured and p.measured.quality.quality_loss <= scenario.max_quality_loss + 1e-12
-                and offload_hidden(p)]
-    if not feasible:
-        return min(pipelines, key=objectives), False
-    front = pareto_front(feasible)
+    prefer = scenario.prefer
+    ok = [p for p in pipelines if feasible(p, scenario)]
+    if not ok:
+        return min(pipelines, key=lambda p: objectives(p, prefer)), False
+    front = pareto_front(ok, prefer)
 
     def key(p: Pipeline) -> tuple:
-        q, b, lat = objectives(p)
-        cap = p.measured.cost.capacity_seqs  # type: ignore[union-attr]
-        return {
-            "capacity": (-cap, q, lat),
-            "memory": (b, q, lat),
-            "latency": (lat, q, b),
-            "quality": (q, -cap, lat),
-        }[scenario.prefer]
+        q, sp, b = objectives(p, prefer)
+        return {"throughput": (sp, q, b), "ttft": (sp, q, b), "memory": (b, q, sp), "quality": (q, sp, b)}[prefer]
 
     return min(front, key=key), True
 
@@ -184,13 +182,13 @@ def run_study(ctx: SearchContext, *, trials: int, storage: str, study_name: str,
     if known is None:
         study.set_user_attr("fingerprint", fingerprint)
         study.set_user_attr("scenario", ctx.scenario.name)
-        study.set_user_attr("memory_budget_bytes", ctx.cost.memory_budget_bytes)
+        study.set_user_attr("memory_budget_bytes", ctx.target.cost.memory_budget_bytes)
     elif known != fingerprint:
         raise UserError(f"study '{study_name}' was run with another model, evaluation set, scenario or cost "
                         "setup; pick another --study-name or --storage")
     else:
         # free memory drifts between runs; a resumed study keeps the budget its first trials were sized with
-        ctx.cost.memory_budget_bytes = int(study.user_attrs.get("memory_budget_bytes", ctx.cost.memory_budget_bytes))
+        ctx.target.pin_device_pool(int(study.user_attrs.get("memory_budget_bytes", ctx.target.cost.memory_budget_bytes)))
     done: dict[str, Pipeline] = {}
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         if ATTR_PIPELINE in t.user_attrs:
@@ -205,6 +203,8 @@ def run_study(ctx: SearchContext, *, trials: int, storage: str, study_name: str,
     outcome = StudyOutcome(study_name=study_name, trials=[], resumed_trials=resumed)
     started = time.perf_counter()
 
+    prefer = ctx.scenario.prefer
+
     def objective(trial: Any) -> tuple[float, float, float]:
         mark_worker(trial)
         pipeline = suggest_pipeline(trial, ctx.scenario)
@@ -217,7 +217,7 @@ def run_study(ctx: SearchContext, *, trials: int, storage: str, study_name: str,
             except UserError as exc:
                 trial.set_user_attr(ATTR_REASON, str(exc))
                 raise optuna.TrialPruned(str(exc)) from None
-            reason = precheck(stages, ctx.cost)
+            reason = ctx.target.precheck(stages)
             if reason:
                 trial.set_user_attr(ATTR_REASON, reason)
                 if on_trial:
@@ -230,7 +230,7 @@ def run_study(ctx: SearchContext, *, trials: int, storage: str, study_name: str,
         trial.set_user_attr(ATTR_PIPELINE, measured.model_dump(mode="json", exclude_none=True))
         if on_trial:
             on_trial(trial.number, measured, label)
-        return objectives(measured)
+        return objectives(measured, prefer)
 
     study.optimize(objective, n_trials=trials, catch=(MemoryError, RuntimeError), gc_after_trial=False)
     outcome.new_trials = trials

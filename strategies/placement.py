@@ -3,7 +3,8 @@
 ``gpu`` keeps every block on the accelerator. ``offload`` keeps a fraction of each sequence's KV blocks on the
 GPU and the rest in pinned host memory (or on disk), fetching the non-resident blocks for each decode step on
 a side stream, one or more layers ahead (prefetch), so that the copy overlaps the attention of the layer
-before. Its cost is the host-to-device time per step that the overlap does not hide.
+before. A placement only says *where*; what each tier can hold, how fast it is read and how much of the copy
+prefetch hides are rules of the hardware, kept in one place: :mod:`kvtune.measure.tiers`.
 """
 
 from __future__ import annotations
@@ -22,8 +23,13 @@ class Placement(Strategy):
         """Share of each sequence's KV bytes that sit in GPU memory."""
         return 1.0
 
-    def exposed_transfer_ms(self, offloaded_bytes_per_step: float, link_gbps: float, compute_ms: float) -> float:
-        return 0.0
+    def lower_tier(self) -> str | None:
+        """Where the rest lives: ``"cpu"`` (host RAM), ``"disk"``, or None when everything is on the device."""
+        return None
+
+    def reserved_bytes(self) -> int:
+        """Space the pipeline reserves in its lower tier (0: whatever the profile measured as free)."""
+        return 0
 
 
 @dataclass
@@ -48,13 +54,12 @@ class Offload(Placement):
     (Sheng et al., ICML 2023), vLLM/LMCache CPU offload, SGLang HiCache. Deviations: the cost model charges
     only the copy time not hidden behind attention of the same step (``max(0, copy - compute)`` per layer,
     divided by the prefetch depth's overlap); the copy rate comes from the hardware profile (measured on a
-    GPU, datasheet otherwise, which the report says).
-    Disk tier (KV beyond host RAM, as LMCache's local-disk backend): the non-resident blocks are read from
-    disk, so the copy runs at ``min(link, disk_gbps)``; ``disk_gbps`` defaults to a PCIe 4.0 NVMe datasheet
-    sequential-read figure (7 GB/s), not a measurement; a profile's measured disk rate should be passed in.
+    GPU, datasheet otherwise, which the report says). Disk tier (KV beyond host RAM, as LMCache's local-disk
+    backend): the non-resident blocks are read from disk at the profile's measured rate. Tier sizes and rates
+    come from the hardware profile only (:mod:`kvtune.measure.tiers`), never from the pipeline.
     Parameters: ``tier`` cpu|disk; ``gpu_fraction`` 0.05..0.95; ``block_size`` 16|32|64|128 tokens;
-    ``prefetch_depth`` 1..4 layers; ``disk_gbps`` > 0 (disk tier only); ``host_bytes`` >= 0, the host (or disk)
-    space for the offloaded share, which bounds capacity too (0: the host's available RAM, disk: unbounded).
+    ``prefetch_depth`` 1..4 layers; ``host_bytes`` >= 0, the host (or disk) space reserved for the offloaded
+    share, which bounds capacity too (0: what the profile measured as free).
     """
 
     name: ClassVar[str] = "offload"
@@ -65,7 +70,6 @@ class Offload(Placement):
     gpu_fraction: float = 0.25
     block_size: int = 32
     prefetch_depth: int = 1
-    disk_gbps: float = 7.0
     host_bytes: int = 0  # host memory (or disk) reserved for the offloaded KV; 0 = whatever the host has
 
     def __post_init__(self) -> None:
@@ -79,20 +83,15 @@ class Offload(Placement):
             raise ValueError(f"prefetch_depth must be in 1..4, got {self.prefetch_depth}")
         if isinstance(self.host_bytes, bool) or not isinstance(self.host_bytes, int) or self.host_bytes < 0:
             raise ValueError(f"host_bytes must be a whole number of bytes >= 0, got {self.host_bytes!r}")
-        if isinstance(self.disk_gbps, bool) or not isinstance(self.disk_gbps, (int, float)) or self.disk_gbps <= 0:
-            raise ValueError(f"disk_gbps must be a positive number (GB/s), got {self.disk_gbps!r}")
-
-    def copy_gbps(self, link_gbps: float) -> float:
-        """The rate the non-resident blocks arrive at: the host link, or the disk when it is slower."""
-        return min(link_gbps, float(self.disk_gbps)) if self.tier == "disk" else link_gbps
 
     def gpu_fraction_held(self) -> float:
         return self.gpu_fraction
 
-    def exposed_transfer_ms(self, offloaded_bytes_per_step: float, link_gbps: float, compute_ms: float) -> float:
-        copy_ms = offloaded_bytes_per_step / (self.copy_gbps(link_gbps) * 1e9) * 1e3
-        # deeper prefetch gives the copy more layers of compute to hide behind
-        return max(0.0, copy_ms - compute_ms * self.prefetch_depth)
+    def lower_tier(self) -> str | None:
+        return self.tier
+
+    def reserved_bytes(self) -> int:
+        return self.host_bytes
 
     @classmethod
     def search_space(cls, trial: Any, scenario: Any) -> dict[str, Any]:

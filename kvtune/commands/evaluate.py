@@ -39,10 +39,10 @@ def evaluate(
     needs_sums = needs_attention_sums(given.selection.method)
     prep = prepare(model=model, trust_remote_code=trust_remote_code, profile=profile, hardware=hardware,
                    target=target, context=context, quick=quick, attention_sums=needs_sums, seed=seed,
-                   device=device)
+                   device=device, default_tpot_ms=get_scenario("multi-turn").tpot_ms)
     validate_pipeline(given, spec=prep.loaded.spec, where=show(pipeline))  # shapes of the model it runs on
     ctx = SearchContext(model=prep.loaded.model, evalset=prep.evalset, eval_config=prep.eval_config,
-                        cost=prep.cost, scenario=get_scenario("multi-turn"), seed=seed)
+                        target=prep.target_model, scenario=get_scenario("multi-turn"), seed=seed)
     with stderr.status(f"measuring {given.label()} ..."):
         result = measure(ctx, given.model_copy(update={"measured": None}))
     prov = (given.provenance or Provenance(kvtune_version=__version__, created=utc_now()))

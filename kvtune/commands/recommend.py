@@ -18,7 +18,7 @@ from kvtune.errors import UserError, printable
 from kvtune.io import atomic_write_text, check_writable
 from kvtune.pipeline import Pipeline, Provenance, utc_now
 from kvtune.preflight import recommend_inputs
-from kvtune.report import front_table, print_measured
+from kvtune.report import front_table, print_measured, side_by_side
 from kvtune.scenarios import SCENARIOS, get_scenario
 from kvtune.storage import redact_url
 
@@ -66,6 +66,8 @@ def recommend(
     export_dir: Annotated[Path, typer.Option(help="folder for --export files")] = Path("."),
     quick: Annotated[bool, typer.Option(help="tiny evaluation set (seconds; for smoke tests, not decisions)")] = False,
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    tpot_ms: Annotated[Optional[float], typer.Option("--tpot-ms", min=0.001, help="time-per-output-token target in ms throughput is measured at (default: the scenario's)")] = None,
+    calibration: Annotated[Optional[list[str]], typer.Option(help="kernel calibration YAML from benchmarks/kernels.py --calibration-out (repeatable)")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="allow the model's own Python code to run")] = False,
     format: Annotated[OutputFormat, typer.Option("--format", "-f", help="stdout: table, json or yaml")] = OutputFormat.table,
 ) -> None:
@@ -79,16 +81,21 @@ def recommend(
     needs_sums = any(needs_attention_sums(m) for m in scen.selection)
     prep = prepare(model=model, trust_remote_code=trust_remote_code, profile=profile, hardware=hardware,
                    target=target, context=context, quick=quick, attention_sums=needs_sums, seed=seed,
-                   device=device)
-    if not prep.offload_possible and "offload" in scen.placements:
-        scen = dataclasses.replace(scen, offload_tiers=("disk",))
-        stderr.print(f"no accelerator: the KV lives in host RAM and offload goes to disk at {prep.cost.link_gbps:g} GB/s "
-                     f"({prep.cost.link_source}); --hardware h100-pcie tunes for a GPU instead")
+                   device=device, tpot_ms=tpot_ms, default_tpot_ms=scen.tpot_ms, calibration=calibration)
+    tgt = prep.target_model
+    if "offload" in scen.placements:
+        tiers = tgt.offload_tiers()
+        if tiers:
+            scen = dataclasses.replace(scen, offload_tiers=tiers)
+        else:
+            scen = dataclasses.replace(scen, placements=tuple(p for p in scen.placements if p != "offload"))
+            stderr.print(f"note: no tier to offload to on {tgt.hardware.name} ({tgt.tiers.host.reason or tgt.tiers.disk.reason}); "
+                         "offload is not searched")
     name = study_name or "/".join(_slug(x) for x in (prep.loaded.name, prep.target.name, prep.hardware.name,
                                                      prep.workload.name if prep.workload else "none", scen.name,
                                                      "quick" if quick else "full"))
     ctx = SearchContext(model=prep.loaded.model, evalset=prep.evalset, eval_config=prep.eval_config,
-                        cost=prep.cost, scenario=scen, seed=seed)
+                        target=tgt, scenario=scen, seed=seed)
     stderr.print(f"study '{escape(printable(name))}' in {escape(redact_url(storage))}; scenario {scen.name}: {scen.summary}")
     started = time.perf_counter()
     with Progress(TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -125,7 +132,8 @@ def recommend(
         output.replace(backup)
         stderr.print(f"previous {output} kept as {backup}")
     atomic_write_text(output, best.to_yaml())
-    front = outcome.pareto()
+    front = outcome.pareto(scen.prefer)
+    full = next((p for p in outcome.trials if p.is_identity()), None)
     if format is OutputFormat.table:
         out = Console(width=200)
         out.print(front_table(front, best, scen.max_quality_loss,
@@ -133,6 +141,8 @@ def recommend(
         out.print(f"[bold]Recommended for {scen.name}[/bold] ({'meets' if feasible else 'MISSES'} max quality "
                   f"loss {scen.max_quality_loss:g}; prefers {scen.prefer}):")
         print_measured(out, best)
+        if full is not None and full.measured is not None and full.measured.serving is not None:
+            out.print(side_by_side(best, full))
     else:
         emit({"recommended": best.to_dict(), "pareto_front": [p.to_dict() for p in front],
               "trials": len(outcome.trials), "tried": [p.label() for p in outcome.trials],
