@@ -57,23 +57,25 @@ def _first_line(path: Path) -> tuple[int, str | None]:
     return 0, ""
 
 
-def _first_json_record(path: Path, container: str) -> Any:
+def _first_json_record(path: Path, container: str) -> tuple[Any, str]:
+    """The first decodable record (JSONL: among the first :data:`DETECT_JSONL_LINES` lines), or ``None`` and why."""
     with open_text(path) as fh:
         if container == "json":
             for item in json_array(fh, printable(path)):
-                return None if isinstance(item, Malformed) else item[1]
-            return None
-        seen = 0
+                return (None, item.reason) if isinstance(item, Malformed) else (item[1], "")
+            return None, "an empty array"
+        seen, first_reason = 0, ""
         for line_no, line in bounded_lines(fh, MAX_LINE_CHARS):
             if line is None or not line.strip():
                 continue
             seen += 1
             try:
-                return json_value(line)
-            except RowError:
+                return json_value(line), ""
+            except RowError as exc:
+                first_reason = first_reason or f"line {line_no}: {exc}"
                 if seen >= DETECT_JSONL_LINES:
-                    return None
-    return None
+                    break
+    return None, first_reason
 
 
 def detect(path: Path, columns: dict[str, str] | None) -> tuple[str, str]:
@@ -91,12 +93,12 @@ def detect(path: Path, columns: dict[str, str] | None) -> tuple[str, str]:
             container = "json" if stripped[0] == "[" else "jsonl"
             if columns:
                 return "generic", container
-            record = _first_json_record(path, container)
+            record, why = _first_json_record(path, container)
             for name, reader in READERS.items():
                 if reader.detect_record is not None and isinstance(record, dict) and reader.detect_record(record):
                     return name, container
             keys = (", ".join(printable(k, 40) for k in list(record)[:8]) if isinstance(record, dict)
-                    else "no JSON object found")
+                    else why or f"a JSON {type(record).__name__}, not an object")
             raise UserError(f"{where}: cannot tell the trace format from its first record ({keys}); "
                             "pass --trace-format or --columns input=KEY,output=KEY")
         container = "tsv" if base_suffix(path) == ".tsv" else "csv"

@@ -33,6 +33,7 @@ import json
 import math
 import os
 import stat
+import sys
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -173,7 +174,7 @@ def seconds(value: Any, scale: float = 1.0) -> float:
     try:
         if isinstance(value, int):
             if value.bit_length() > 70:
-                raise RowError(f"timestamp {quote(value)} is out of range")
+                raise RowError(f"timestamp is {quote(value)}: out of range")
             ts = float(value) * scale
         elif isinstance(value, float):
             ts = value * scale
@@ -323,7 +324,7 @@ def _no_constant(name: str) -> Any:
     raise RowError(f"{name} is not a JSON number")
 
 
-_DECODER = json.JSONDecoder(parse_constant=_no_constant)
+_DECODER = json.JSONDecoder(parse_constant=_no_constant, strict=False)  # strict=False: raw tabs etc. in strings
 
 
 def _too_deep(obj: Any, limit: int) -> bool:
@@ -353,8 +354,8 @@ def json_value(text: str) -> Any:
         raise RowError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
     except RowError:
         raise
-    except ValueError as exc:  # an integer literal beyond Python's digit limit
-        raise RowError(f"invalid JSON ({printable(exc, 60)})") from None
+    except ValueError:  # an integer literal beyond Python's int/str digit limit (4300 digits)
+        raise RowError(f"invalid JSON (an integer of more than {sys.get_int_max_str_digits()} digits)") from None
     _check_depth(obj, text)
     return obj
 
@@ -411,7 +412,8 @@ def json_array(fh: io.TextIOBase, where: str, chunk: int = 1 << 20) -> Iterator[
         except (RecursionError, RowError, ValueError) as exc:
             index += 1
             reason = (f"JSON nested deeper than {MAX_JSON_DEPTH} levels" if isinstance(exc, RecursionError)
-                      else str(exc) if isinstance(exc, RowError) else f"invalid JSON ({printable(exc, 60)})")
+                      else str(exc) if isinstance(exc, RowError)
+                      else f"invalid JSON (an integer of more than {sys.get_int_max_str_digits()} digits)")
             yield Malformed(index, f"element {index}: {reason}; the rest of the array is unreadable")
             return
         index += 1
