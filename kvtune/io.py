@@ -138,8 +138,20 @@ def check_folder_writable(folder: Path, *, flag: str) -> None:
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
         raise UserError(f"{flag} {show(folder)}: {show(probe)} is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
+    if not can_create_in(probe):
         raise UserError(f"{flag} {show(folder)}: folder {show(probe)} is not writable")
+
+
+def can_create_in(folder: Path) -> bool:
+    """Whether a file can be created in ``folder``: tried for real (permissions alone miss read-only file
+    systems and root), the probe removed at once."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".kvtune-probe-", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    Path(probe).unlink(missing_ok=True)
+    return True
 
 
 def write_files_atomically(folder: str | os.PathLike[str], files: Mapping[str, str], *, overwrite: bool = False,
@@ -242,7 +254,7 @@ def check_writable(path: str | os.PathLike[str], *, overwrite: bool = True, flag
     _check_target(target, overwrite)
     if not folder.is_dir():
         raise UserError(f"{show(target)}: folder {show(folder)} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
+    if not can_create_in(folder):
         raise UserError(f"{show(target)}: folder {show(folder)} is not writable")
     return target
 

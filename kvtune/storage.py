@@ -36,6 +36,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, unquote
 
 from kvtune.errors import UserError, printable
+from kvtune.io import can_create_in
 
 DEFAULT_HEARTBEAT_INTERVAL = 60  # seconds between heartbeats of a running trial
 DEFAULT_HEARTBEAT_GRACE = 180  # seconds without a heartbeat after which a RUNNING trial is declared dead
@@ -130,6 +131,10 @@ def _journal_path(value: str) -> str:
 def parse_storage(value: str) -> StorageSpec:
     """Recognize a ``--storage`` value (see the module docstring); :class:`UserError` for anything else."""
     shown = redact_url(value)
+    split = _split_credentials(value)
+    if split is not None and any(ch in split[2] for ch in "@:/?#"):
+        raise UserError(f"--storage {shown}: the password holds a raw '@', ':', '/', '?' or '#', which URL parsers "
+                        "split differently; percent-encode it (%40 %3A %2F %3F %23)")
     if not value.strip():
         raise UserError("--storage: empty (use sqlite:///FILE.db, journal:///FILE.log or a database URL)")
     if value.startswith("journal:"):
@@ -188,7 +193,7 @@ def _check_file_target(spec: StorageSpec) -> None:
     if path.exists():
         if not os.access(path, os.R_OK | os.W_OK):
             raise UserError(f"--storage {spec.shown}: {printable(str(path))} is not readable and writable")
-    elif not os.access(folder, os.W_OK | os.X_OK):
+    elif not os.access(folder, os.W_OK | os.X_OK) or not can_create_in(folder):
         raise UserError(f"--storage {spec.shown}: folder {printable(str(folder))} is not writable")
 
 
