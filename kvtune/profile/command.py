@@ -73,7 +73,7 @@ def profile(
     from kvtune import __version__
     from kvtune.profile.hardware import list_reference_hardware, probe_hardware, reference_hardware
 
-    err = Console(stderr=True, highlight=False)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)  # one message, one line (no wrapping at 80 columns)
     out = Console(highlight=False, soft_wrap=False)
 
     if hardware and hardware.strip().lower() == "list":

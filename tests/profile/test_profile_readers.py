@@ -292,12 +292,11 @@ def test_real_traces_percentiles_against_numpy(name):
         pytest.skip(f"needs the shared trace {path}")
     w = read_trace(path)
     inp, out = _exact(path)
-    assert w.requests == len(inp) and w.malformed_rows == 0
+    assert w.requests == len(inp) and w.malformed_rows == 0 and w.percentile_relative_error == 0.0
     for stats, arr in ((w.input_tokens, inp), (w.output_tokens, out), (w.total_tokens, inp + out)):
         for q, got in ((50, stats.p50), (90, stats.p90), (99, stats.p99)):
             exact = int(np.percentile(arr, q, method="inverted_cdf"))
-            tol = 0 if exact < 1024 else w.percentile_relative_error * exact + 1
-            assert abs(got - exact) <= tol, (name, q, got, exact)
+            assert got == exact, (name, q, got, exact)  # exact counting: no tolerance
         assert stats.max == arr.max() and stats.mean == pytest.approx(arr.mean(), abs=1e-3)
 
 
