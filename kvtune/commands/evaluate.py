@@ -11,6 +11,7 @@ from rich.markup import escape
 
 from kvtune import __version__
 from kvtune.commands.common import DEVICE_HELP, OutputFormat, emit, needs_attention_sums, prepare, stderr
+from kvtune.commands.export import nonempty_path
 from kvtune.io import atomic_write_text, show
 from kvtune.pipeline import Provenance, utc_now, validate_pipeline
 from kvtune.preflight import evaluate_inputs
@@ -27,7 +28,7 @@ def evaluate(
     target: Annotated[Optional[str], typer.Option(help="model preset whose shapes cost is measured at")] = None,
     context: Annotated[Optional[int], typer.Option(min=1, help="context length for cost (default: workload p50)")] = None,
     seed: Annotated[int, typer.Option(help="seed of the evaluation data")] = 0,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="write the pipeline with its new measurements here")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", parser=nonempty_path, help="write the pipeline with its new measurements here")] = None,
     force: Annotated[bool, typer.Option(help="overwrite --output if it exists")] = False,
     quick: Annotated[bool, typer.Option(help="tiny evaluation set (seconds)")] = False,
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",

@@ -2,8 +2,10 @@
 
 Writes one or more serving-stack configs for a pipeline (see :mod:`kvtune.export`). The paths written go to
 stdout, one per line; what a stack cannot express goes to stderr, one line per note. A malformed or
-future-schema pipeline, an unknown target or a file that exists without ``--force`` is one line on stderr and
-exit code 2 (raised as :class:`kvtune.errors.UserError`, printed by the CLI).
+future-schema pipeline, one that is invalid (:func:`kvtune.pipeline.validate_pipeline`: unknown method, a method
+on the wrong axis, a parameter out of range), an unknown target or a file that exists with other content without
+``--force`` is one line on stderr and exit code 2 (raised as :class:`kvtune.errors.UserError`, printed by the
+CLI), and nothing is written.
 """
 
 from __future__ import annotations
@@ -14,17 +16,28 @@ from typing import Annotated, Iterable
 import typer
 
 from kvtune.export import TARGETS, ExportResult, export_pipeline, parse_targets
-from kvtune.pipeline import Pipeline, load_pipeline
+from kvtune.errors import printable
+from kvtune.io import read_yaml, show
+from kvtune.pipeline import Pipeline
 
 
-def write_exports(pipeline: Pipeline, targets: Iterable[str], out_dir: str | Path, *, force: bool = False) -> list[ExportResult]:
-    """Export ``pipeline`` and report: paths on stdout, notes on stderr. Shared with ``recommend --export``."""
-    results = export_pipeline(pipeline, parse_targets(targets), out_dir, overwrite=force)
+def write_exports(pipeline: Pipeline, targets: Iterable[str], out_dir: str | Path, *, force: bool = False,
+                  where: str = "pipeline") -> list[ExportResult]:
+    """Export ``pipeline`` and report: paths on stdout, notes on stderr (control characters escaped). Shared
+    with ``recommend --export``."""
+    results = export_pipeline(pipeline, parse_targets(targets), out_dir, overwrite=force, where=where)
     for result in results:
-        typer.echo(str(result.path))
+        typer.echo(show(result.path))
         for note in result.notes:
-            typer.echo(f"kvtune: note: {result.path.name}: {note}", err=True)
+            typer.echo(f"kvtune: note: {result.path.name}: {printable(note)}", err=True)
     return results
+
+
+def nonempty_path(value: str) -> Path:
+    """Typer parser for path options: an empty string is an error, not the current folder."""
+    if value == "":
+        raise typer.BadParameter("empty path")
+    return Path(value)
 
 
 def export(
@@ -34,9 +47,11 @@ def export(
         typer.Option("--to", help=f"target stack(s): {', '.join(TARGETS)} or all; comma list or repeated",
                      show_default=False),
     ],
-    out_dir: Annotated[Path, typer.Option("-o", "--out-dir", help="folder to write into (created if missing)")] = Path("."),
+    out_dir: Annotated[Path, typer.Option("-o", "--out-dir", parser=nonempty_path,
+                                          help="folder to write into (created if missing)")] = Path("."),
     force: Annotated[bool, typer.Option("--force", help="overwrite files that already exist")] = False,
 ) -> None:
     """Turn a pipeline into serving-stack configs; say what each stack cannot express."""
     targets = parse_targets(to)  # validate flags before reading the file
-    write_exports(load_pipeline(pipeline), targets, out_dir, force=force)
+    given = Pipeline.from_dict(read_yaml(pipeline), where=show(pipeline))
+    write_exports(given, targets, out_dir, force=force, where=show(pipeline))  # validated before rendering

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from kvtune import __version__
 from kvtune.commands.common import DEVICE_HELP, OutputFormat, emit, needs_attention_sums, prepare, stderr
+from kvtune.commands.export import nonempty_path, write_exports
 from kvtune.errors import UserError, printable
 from kvtune.io import atomic_write_text, check_writable
 from kvtune.pipeline import Pipeline, Provenance, utc_now
@@ -60,10 +61,10 @@ def recommend(
     study_name: Annotated[Optional[str], typer.Option(help="study to create or resume (default: from model, hardware, workload, scenario)")] = None,
     seed: Annotated[int, typer.Option(help="seed of the sampler and the evaluation data")] = 0,
     context: Annotated[Optional[int], typer.Option(min=1, help="context length cost is measured at (default: workload p50)")] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="where to write the recommended pipeline")] = Path(DEFAULT_OUTPUT),
+    output: Annotated[Path, typer.Option("--output", "-o", parser=nonempty_path, help="where to write the recommended pipeline")] = Path(DEFAULT_OUTPUT),
     force: Annotated[bool, typer.Option(help="overwrite --output even if kvtune did not write it")] = False,
     export: Annotated[Optional[str], typer.Option(help="also export to these stacks (comma list or 'all')")] = None,
-    export_dir: Annotated[Path, typer.Option(help="folder for --export files")] = Path("."),
+    export_dir: Annotated[Path, typer.Option(parser=nonempty_path, help="folder for --export files")] = Path("."),
     quick: Annotated[bool, typer.Option(help="tiny evaluation set (seconds; for smoke tests, not decisions)")] = False,
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     tpot_ms: Annotated[Optional[float], typer.Option("--tpot-ms", min=0.001, help="time-per-output-token target in ms throughput is measured at (default: the scenario's)")] = None,
@@ -150,6 +151,4 @@ def recommend(
     stderr.print(f"{outcome.new_trials} trials in {elapsed:.0f} s ({len(outcome.trials)} measured in the study, "
                  f"{len(outcome.pruned)} rejected before running); wrote {output}")
     if targets:
-        from kvtune.commands.export import write_exports
-
         write_exports(best, targets, export_dir, force=force)
