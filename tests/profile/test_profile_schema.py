@@ -94,3 +94,42 @@ def test_kv_memory_budget_and_host_link():
     assert cpu_only(source="measured", gpu_memory_total_bytes=24 * GiB, h2d_pinned_gbps=24.5).host_link_gbps() == 24.5
     with pytest.raises(UserError, match="memory fraction"):
         box.kv_memory_budget(0, memory_fraction=1.5)
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda d: d["hardware"].update(hbm_bandwidth_gbps=float("inf")), "field hardware.hbm_bandwidth_gbps: Input should be a finite number"),
+    (lambda d: d["hardware"].update(hbm_bandwidth_gbps=float("nan")), "field hardware.hbm_bandwidth_gbps: Input should be a finite number"),
+    (lambda d: d["hardware"].update(hbm_bandwidth_gbps=0.0), "field hardware.hbm_bandwidth_gbps: Input should be greater than 0"),
+    (lambda d: d["hardware"].update(peak_bf16_tflops=-1.0), "field hardware.peak_bf16_tflops: Input should be greater than 0"),
+    (lambda d: d["hardware"].update(cpu_matmul_gflops=1e300), "field hardware.cpu_matmul_gflops: Input should be less than"),
+    (lambda d: d["hardware"].update(gpu_memory_total_bytes=-5), "field hardware.gpu_memory_total_bytes: Input should be greater than or equal to 0"),
+    (lambda d: d["hardware"].update(cpu_ram_total_bytes=1 << 70), "field hardware.cpu_ram_total_bytes: Input should be less than"),
+    (lambda d: d["hardware"].update(sm_count=1.5), "field hardware.sm_count: Input should be a valid integer"),
+    (lambda d: d["hardware"].update(schema_version=0), "field hardware.schema_version: Input should be greater than or equal to 1"),
+    (lambda d: d["workload"].update(arrival_rate_per_s=0.0), "field workload.arrival_rate_per_s: Input should be greater than 0"),
+    (lambda d: d["workload"].update(prefix_reuse_ratio=1.5), "field workload.prefix_reuse_ratio: Input should be less than or equal to 1"),
+    (lambda d: d["workload"].update(time_span_s=-1.0), "field workload.time_span_s: Input should be greater than or equal to 0"),
+    (lambda d: d["workload"].update(requests=0), "field workload.requests: Input should be greater than or equal to 1"),
+    (lambda d: d["workload"]["input_tokens"].update(p50=10**9), "field workload.input_tokens: Value error, statistics out of order"),
+    (lambda d: d["workload"]["input_tokens"].update(mean=-1.0), "field workload.input_tokens.mean: Input should be greater"),
+    (lambda d: d["workload"]["input_tokens"]["histogram"][0].update(count=10**6), "histogram counts sum to"),
+    (lambda d: d["workload"]["input_tokens"]["histogram"][0].update(hi=0), "is empty (hi must be above lo)"),
+    (lambda d: d["hardware"].update({"colour\x1b[31m": 1}), "field hardware.colour\\x1b[31m: Extra inputs"),
+])
+def test_numbers_are_finite_and_in_range(tmp_path, mutate, message):
+    data = full_profile().model_dump(mode="json")
+    data["hardware"].update(cpu_matmul_gflops=50.0)
+    mutate(data)
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(UserError) as info:
+        load_profile(path)
+    text = str(info.value)
+    assert message in text and "\n" not in text and "\x1b" not in text, text
+
+
+def test_every_reference_profile_satisfies_the_constraints():
+    for name in REFERENCE:
+        hw = reference_hardware(name)
+        assert hw.hbm_bandwidth_gbps > 0 and hw.peak_bf16_tflops > 0  # what the serving model divides by
+        HardwareProfile.model_validate(hw.model_dump(mode="json"))  # round trip through the constraints
