@@ -77,7 +77,7 @@ def measure(ctx: SearchContext, pipeline: Pipeline, trial_number: int | None = N
     started = time.perf_counter()
     quality = evaluate_quality(ctx.model, ctx.evalset, stages, ctx.eval_config, ctx.seed)
     cost = measure_cost(stages, ctx.target.cost, ctx.seed)
-    serving = ctx.target.price(stages, pipeline, cost.bytes_per_token)
+    serving = ctx.target.price(stages, pipeline, cost)
     measured = Measured(quality=quality, cost=cost, serving=serving, trial=trial_number,
                         seconds=round(time.perf_counter() - started, 3))
     return pipeline.model_copy(update={"measured": measured})

@@ -139,6 +139,9 @@ def codec_key(method: str, params: dict[str, Any]) -> str:
     """The calibration codec name of a codec stage (``kivi`` with ``bits: 2`` -> ``kivi-2``)."""
     if method == "kivi":
         return f"kivi-{int(params.get('bits', 4))}"
+    if method == "mixed":  # most layers use the middle codec; price the step at its kernel
+        middle = str(params.get("middle", "kivi2"))
+        return {"kivi4": "kivi-4", "kivi2": "kivi-2"}.get(middle, middle if middle in CODECS else "fp16")
     if method in CODECS:
         return method
     return "fp16"  # unknown/plugin codecs are priced as dense reads (said in the notes by the caller)

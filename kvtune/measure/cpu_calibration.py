@@ -76,7 +76,7 @@ class CpuFit:
 def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
-    times = []
+    times: list[float] = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
@@ -129,7 +129,18 @@ def decode_step_ms(model: Any, spec: ModelSpec, batch: int, tokens: int, codec: 
         with torch.inference_mode():
             model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
 
-    return _median_ms(step, repeats=repeats, warmup=1)
+    return _median_ms(step, repeats=repeats, warmup=2)
+
+
+def warm_up(model: Any, spec: ModelSpec, limit: int = 10) -> None:
+    """Run short decode steps until two in a row agree within 25%: a process's first forwards are several times
+    slower (allocator and thread-pool warm-up), and a fit must not see them."""
+    last = None
+    for _ in range(limit):
+        ms = decode_step_ms(model, spec, 1, SHORT, CODEC_STAGES["fp16"], repeats=1)
+        if last is not None and abs(ms - last) <= 0.25 * min(ms, last):
+            return
+        last = ms
 
 
 def _key(source: str, codecs: tuple[str, ...]) -> str:
@@ -157,8 +168,9 @@ def calibrate(model: Any, spec: ModelSpec, *, source: str, params: int, weights_
     copy_gbps, gflops = measure_copy_gbps(), measure_matmul_gflops()
     full = CODEC_STAGES["fp16"]
     say("calibrating the CPU step model: decode steps")
-    one = decode_step_ms(model, spec, 1, SHORT, full)
-    wide = decode_step_ms(model, spec, WIDE_BATCH, SHORT, full)
+    warm_up(model, spec)
+    one = decode_step_ms(model, spec, 1, SHORT, full, repeats=5)
+    wide = decode_step_ms(model, spec, WIDE_BATCH, SHORT, full, repeats=5)
     per_seq = max((wide - one) / (WIDE_BATCH - 1), 1e-3)
     fixed = max(one - per_seq, 1e-3)
     points = [{"batch": 1, "tokens": SHORT, "codec": "fp16", "ms": one},
@@ -167,7 +179,7 @@ def calibrate(model: Any, spec: ModelSpec, *, source: str, params: int, weights_
     for key in codecs:
         method, params_ = CODEC_STAGES[key]
         say(f"calibrating the CPU step model: {key} KV reads")
-        ms = decode_step_ms(model, spec, KV_BATCH, KV_TOKENS, CODEC_STAGES[key])
+        ms = decode_step_ms(model, spec, KV_BATCH, KV_TOKENS, CODEC_STAGES[key], repeats=5)
         kv_ms = max(ms - fixed - KV_BATCH * per_seq, 1e-3)
         bpt = codec_bytes_per_token(method, params_, spec)
         eff[key] = KV_BATCH * KV_TOKENS * bpt / (copy_gbps * 1e9) * 1e3 / kv_ms

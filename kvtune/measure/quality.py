@@ -16,7 +16,14 @@ The evaluation set (built once per study, "prefill once, compress many"):
   key. Small models fail this even with the full cache.
 
 A probe item counts only if the full cache answers it: ``probe_retention`` is the fraction of those items the
-candidate also answers. Items the full cache fails are not run for candidates (they are scored as misses). The search objective is ``quality_loss = kl_mean + (1 - probe_retention)``.
+candidate also answers. Items the full cache fails are not run for candidates (they are scored as misses).
+
+* **multi-turn follow-ups** (:mod:`kvtune.measure.multiturn`) — one shared context of natural text holding
+  several competing facts, then a conversation of ``multiturn_turns`` questions about different facts, the cache
+  persisting across turns; accuracy per turn, ``followup_retention`` over the turns after the first.
+
+The search objective is ``quality_loss = kl_mean + (1 - probe_retention) + followup_weight * (1 -
+followup_retention)`` (a retention term counts only when the full cache answers some of its items).
 
 Devices: everything runs where the model is. Log-probabilities and KL are computed in float32 whatever the
 model's dtype (bfloat16 on a GPU). On a CPU each prompt is prefilled alone; on a GPU prompts of equal length
@@ -34,6 +41,7 @@ from typing import Any, Callable
 
 import torch
 
+from kvtune.measure.multiturn import ConversationBatch, build_conversations, score_conversations
 from kvtune.pipeline import Pipeline, QualityResult
 from kvtune.strategies import Stages
 from kvtune.runtime import KVCache, LayerRecord, PrefillRecord, prefill_record
@@ -53,13 +61,19 @@ class EvalConfig:
     passkey_tokens: int = 1536
     kv_items: int = 2
     kv_tokens: int = 1024
+    multiturn_items: int = 2  # conversations (each: one shared context, several turns)
+    multiturn_tokens: int = 1536  # context tokens of each conversation
+    multiturn_facts: int = 4  # competing facts in the context
+    multiturn_turns: int = 3  # questions per conversation, each about a different fact
+    followup_weight: float = 1.0  # weight of (1 - followup_retention) in quality_loss
     seed: int = 0
 
     @classmethod
     def quick(cls) -> "EvalConfig":
         """Seconds, not minutes: for tests and smoke runs."""
         return cls(text_prompts=1, context_tokens=256, continuation_tokens=16, chunk=8, passkey_items=2,
-                   passkey_tokens=256, kv_items=1, kv_tokens=256)
+                   passkey_tokens=256, kv_items=1, kv_tokens=256, multiturn_items=1, multiturn_tokens=256,
+                   multiturn_turns=2)
 
 
 @dataclass
@@ -100,11 +114,13 @@ class EvalSet:
     probes: list[ProbeItem] = field(default_factory=list)
     text_batches: list[TextBatch] = field(default_factory=list)
     probe_batches: list[ProbeBatch] = field(default_factory=list)  # only items the full cache answers
+    conversations: list[ConversationBatch] = field(default_factory=list)  # multi-turn items, references computed
     prefill_seconds: float = 0.0
 
     @property
     def context_lengths(self) -> list[int]:
-        return [it.tokens for it in self.text] + [it.tokens for it in self.probes]
+        return ([it.tokens for it in self.text] + [it.tokens for it in self.probes] +
+                [b.record.tokens for b in self.conversations for _row in range(b.full_correct.shape[0])])
 
 
 def merge_records(records: list[PrefillRecord]) -> PrefillRecord:
@@ -291,6 +307,12 @@ def build_eval_set(model: Any, tokenizer: Any, config: EvalConfig, *, attention_
                                             torch.stack([it.answer for it in group])))
     for it in [*out.text, *out.probes]:  # the batches hold the tensors now; keep one copy in memory
         it.tokens, it.record = it.record.tokens, None
+    if config.multiturn_items:
+        note(f"prefill multi-turn {config.multiturn_items} x {config.multiturn_tokens} tokens, "
+             f"{config.multiturn_turns} turns")
+        out.conversations = build_conversations(
+            model, tokenizer, ids, items=config.multiturn_items, context_tokens=config.multiturn_tokens,
+            facts=config.multiturn_facts, turns=config.multiturn_turns, seed=config.seed, attention_sums=attention_sums)
     out.prefill_seconds = time.perf_counter() - started
     return out
 
@@ -364,6 +386,9 @@ def evaluate_quality(model: Any, evalset: EvalSet, pipeline: Pipeline | Stages, 
 
     kl_mean = float(kl_all.mean())
     loss = kl_mean + (1.0 - retention if retention is not None else 0.0)
+    mt = score_conversations(model, evalset.conversations, stages, seed)
+    if mt is not None and mt.followup_retention is not None:
+        loss += config.followup_weight * (1.0 - mt.followup_retention)
     return QualityResult(
         quality_loss=round(loss, 6),
         kl_mean=round(kl_mean, 6),
@@ -378,4 +403,10 @@ def evaluate_quality(model: Any, evalset: EvalSet, pipeline: Pipeline | Stages, 
         probe_retention=None if retention is None else round(retention, 6),
         eval_tokens=n,
         eval_context_tokens=evalset.context_lengths,
+        multiturn_turns=None if mt is None else mt.turns,
+        turn_accuracy=None if mt is None else mt.turn_accuracy,
+        turn_accuracy_full=None if mt is None else mt.turn_accuracy_full,
+        turn1_retention=None if mt is None else mt.turn1_retention,
+        followup_retention=None if mt is None else mt.followup_retention,
+        multiturn_kl=None if mt is None else mt.kl_mean,
     )

@@ -142,6 +142,7 @@ class Candidate:
     placement: Any  # the Placement strategy
     attention_sums: bool = False  # a selector that scores with the prompt's accumulated attention
     packs: bool = False  # a codec that quantizes/packs at prefill
+    kv_eff: Figure | None = None  # this candidate's own measured kernel efficiency (timed on the target GPU)
 
     @classmethod
     def of(cls, stages: Any, pipeline: Any, bytes_per_token: float) -> "Candidate":
@@ -189,12 +190,15 @@ class ServingModel:
         self.prefix_caching = prefix_caching
 
     # -- building blocks -----------------------------------------------------------------------------------
+    def kv_eff(self, cand: Candidate) -> Figure:
+        return cand.kv_eff if cand.kv_eff is not None else self.device.codec_eff(cand.codec)
+
     def step(self, batch: int, cand: Candidate) -> Step:
         d = self.device
         bw = d.mem_gbps.value * 1e9
         kv_bytes = batch * self.mix.decode_context * cand.bytes_per_token
         weights_ms = self.weights_bytes / (bw * d.weights_eff.value) * 1e3
-        kv_ms = kv_bytes / (bw * d.codec_eff(cand.codec).value) * 1e3
+        kv_ms = kv_bytes / (bw * self.kv_eff(cand).value) * 1e3
         compute_ms = batch * 2.0 * self.params / (d.peak_flops.value * d.decode_mfu.value) * 1e3
         moved = 0.0
         lower = self.tiers.lower(cand.placement)
@@ -292,7 +296,7 @@ class ServingModel:
         ttft = self.prefill_ms(in_p50 * miss, cand) + (
             in_p50 * hit_low * cand.bytes_per_token / (load_rate.value * 1e9) * 1e3 if load_rate else 0.0)
 
-        base = [d.mem_gbps.source, d.weights_eff.source, d.overhead_ms.source, d.codec_eff(cand.codec).source]
+        base = [d.mem_gbps.source, d.weights_eff.source, d.overhead_ms.source, self.kv_eff(cand).source]
         step_src = weakest(*base, d.peak_flops.source, d.decode_mfu.source)
         if step.copy_ms and lower is not None and lower.read_gbps is not None:
             step_src = weakest(step_src, lower.read_gbps.source)
@@ -302,7 +306,7 @@ class ServingModel:
             "bytes_per_token": "measured: stored form at the target's shapes (kvtune.measure.kernels_cost)",
             "max_batch": f"{mem_src}: {bound}, {self.tiers.device.capacity.basis if self.tiers.device.capacity else ''}",
             "tpot_ms": f"{step_src}: roofline on {d.name} (HBM {d.mem_gbps.value:,.0f} GB/s {d.mem_gbps.source}, "
-                       f"KV read efficiency {d.codec_eff(cand.codec).value:g} {d.codec_eff(cand.codec).source}, "
+                       f"KV read efficiency {self.kv_eff(cand).value:g} {self.kv_eff(cand).source}, "
                        f"overhead {d.overhead_ms.value:g} ms {d.overhead_ms.source})",
             "ttft_ms": f"{prefill_src}: prefill FLOPs over peak x MFU {d.prefill_mfu.value:g} ({d.prefill_mfu.source})",
             "tokens_per_s": f"{weakest(step_src, prefill_src)}: batch x step and prefill of missed prompt tokens",

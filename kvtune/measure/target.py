@@ -22,7 +22,8 @@ from kvtune.measure.replay import Replay
 from kvtune.measure.serving import Candidate, Device, ServingModel, WorkloadMix
 from kvtune.measure.tiers import Tiers
 from kvtune.modelspec import ModelSpec, preset
-from kvtune.pipeline import Pipeline, ServingResult
+from kvtune.measure.figure import Figure
+from kvtune.pipeline import CostResult, Pipeline, ServingResult
 from kvtune.profile.workload import DEFAULT_WORKLOAD, bundled_trace_path
 from kvtune.strategies import Stages
 
@@ -71,9 +72,16 @@ class Target:
         reason = self.tiers.check(stages.placement, per_seq * share, per_seq * (1.0 - share))
         return f"at {ctx:,} tokens: {reason}" if reason else None
 
-    def price(self, stages: Stages, pipeline: Pipeline, bytes_per_token: float) -> ServingResult:
+    def price(self, stages: Stages, pipeline: Pipeline, cost: CostResult) -> ServingResult:
+        """The serving figures of a measured candidate. When its decode attention was timed on the target GPU,
+        that timing gives the codec's kernel efficiency (measured) in place of the calibration table's."""
         self.serving.prefix_caching = pipeline.switches.prefix_caching
-        return self.serving.evaluate(Candidate.of(stages, pipeline, bytes_per_token))
+        cand = Candidate.of(stages, pipeline, cost.bytes_per_token)
+        if cost.decode_latency_ms and self.device.is_gpu:
+            read = cost.bytes_per_token * cost.context_tokens * cand.gpu_fraction
+            eff = read / (cost.decode_latency_ms / 1e3) / (self.device.mem_gbps.value * 1e9)
+            cand = replace(cand, kv_eff=Figure(eff, "measured", f"this candidate's decode attention timed on {cost.device}"))
+        return self.serving.evaluate(cand)
 
 
 def _trace_path(workload: Any) -> Path | None:
@@ -130,12 +138,10 @@ def build_target(*, hardware: Any, workload: Any, loaded: Any, target: str | Non
     ctx = context or int(workload.total_tokens.p50)
     if ctx < 1:
         raise UserError(f"--context {ctx}: must be >= 1 token")
-    here = (not gpu and hardware.source != "datasheet" and not kernel_device.startswith("cuda")) or (
-        gpu and kernel_device.startswith("cuda") and hardware.source == "measured")
+    # decode attention is timed only on the target GPU itself, where it measures the codec's kernel efficiency;
+    # on a CPU target the step model is fitted to the whole model's decode steps instead (cpu_calibration)
+    here = gpu and kernel_device.startswith("cuda") and hardware.source == "measured"
     cost = CostSetup(spec=spec, context_tokens=ctx, tiers=tiers, device=kernel_device, time_kernels=here)
-    if not here:
-        cost.notes.append(f"decode attention not timed: the kernels run on {kernel_device}, the target is "
-                          f"{hardware.accelerator or hardware.name} (the serving model prices the step)")
     serving = ServingModel(spec, params=params, weights_bytes=weights, device=device, tiers=tiers, mix=mix,
                            tpot_ms=None, replay=replay)
     tpot = tpot_ms
