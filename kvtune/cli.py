@@ -16,6 +16,7 @@ import ast
 import importlib
 import importlib.util
 import sys
+import warnings
 from functools import lru_cache
 from typing import Any
 
@@ -140,6 +141,9 @@ def _root(
 
 
 def main() -> None:
+    # transformers >= 5.24 renames forward()'s past_key_values to cache and warns on every call; kvtune keeps the
+    # name every transformers 5.x takes, so the notice says nothing to a kvtune user
+    warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
     app()
 
 

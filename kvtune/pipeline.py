@@ -32,8 +32,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kvtune.errors import UserError
 
+from kvtune.modelspec import ModelSpec
+
 if TYPE_CHECKING:  # strategies import torch; validate_pipeline imports them when it runs
-    from kvtune.modelspec import ModelSpec
     from kvtune.strategies import Stages
 
 SCHEMA_VERSION = 1
@@ -256,7 +257,7 @@ def _kind(data: Any) -> str:
         type(data), type(data).__name__)
 
 
-def load_pipeline(path: str | os.PathLike[str], *, spec: "ModelSpec | None" = None) -> Pipeline:
+def load_pipeline(path: str | os.PathLike[str], *, spec: ModelSpec | None = None) -> Pipeline:
     """Read a pipeline YAML file and validate it completely (:func:`validate_pipeline`); :class:`UserError` on
     any problem."""
     from kvtune.io import read_yaml
@@ -306,10 +307,20 @@ def _non_finite(data: Any, path: str) -> str | None:
     return None
 
 
-def validate_pipeline(pipeline: Pipeline, *, spec: "ModelSpec | None" = None, where: str = "pipeline") -> "Stages":
+def recorded_spec(pipeline: Pipeline) -> ModelSpec | None:
+    """The model shapes the pipeline's provenance records (what its parameters must fit), or None."""
+    info = pipeline.provenance.model if pipeline.provenance is not None else None
+    if info is None:
+        return None
+    return ModelSpec(name=info.name, layers=info.layers, kv_heads=info.kv_heads, q_heads=info.q_heads,
+                     head_dim=info.head_dim, dtype=info.dtype, source=info.source)
+
+
+def validate_pipeline(pipeline: Pipeline, *, spec: ModelSpec | None = None, where: str = "pipeline") -> "Stages":
     """Check everything the schema cannot: each stage's parameters against its strategy (names, types, ranges,
-    via the strategy's own validation) and, with ``spec``, what the model's shapes allow. Returns the built
-    :class:`~kvtune.strategies.Stages`; raises :class:`UserError` naming the file and the field.
+    via the strategy's own validation) and what the model's shapes allow: ``spec``'s, else those the pipeline's
+    provenance records. Returns the built :class:`~kvtune.strategies.Stages`; raises :class:`UserError` naming
+    the file and the field.
 
     The one validation path for a pipeline a command reads: ``export``, ``evaluate`` and ``recommend``'s resume
     call it before any work.
@@ -317,6 +328,7 @@ def validate_pipeline(pipeline: Pipeline, *, spec: "ModelSpec | None" = None, wh
     from kvtune.strategies import AXES, Stages, load_plugins  # imports torch: only when a pipeline is checked
 
     load_plugins()
+    spec = spec if spec is not None else recorded_spec(pipeline)
     for axis in AXES:
         stage: Stage = getattr(pipeline, axis)
         cls = AXES[axis].get(stage.method)

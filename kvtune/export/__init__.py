@@ -39,7 +39,6 @@ from kvtune.errors import UserError, printable
 from kvtune.export import hf, kvpress, lmcache, sglang, trtllm, vllm
 from kvtune.export._common import Rendered
 from kvtune.io import write_files_atomically
-from kvtune.modelspec import ModelSpec
 from kvtune.pipeline import Pipeline, validate_pipeline
 
 
@@ -99,20 +98,11 @@ def parse_targets(values: Iterable[str], *, where: str = "--to") -> list[str]:
     return chosen
 
 
-def provenance_spec(pipeline: Pipeline) -> ModelSpec | None:
-    """The model shapes the pipeline's provenance records (what its parameters must fit), or None."""
-    info = pipeline.provenance.model if pipeline.provenance is not None else None
-    if info is None:
-        return None
-    return ModelSpec(name=info.name, layers=info.layers, kv_heads=info.kv_heads, q_heads=info.q_heads,
-                     head_dim=info.head_dim, dtype=info.dtype, source=info.source)
-
-
 def render_pipeline(pipeline: Pipeline, targets: Iterable[str], *, where: str = "pipeline"
                     ) -> list[tuple[str, Rendered]]:
     """Validate ``pipeline`` (:class:`UserError` naming ``where`` if invalid), then render every file of every
     target in memory (nothing written): ``[(target, Rendered), ...]``."""
-    validate_pipeline(pipeline, spec=provenance_spec(pipeline), where=where)
+    validate_pipeline(pipeline, where=where)  # with the model shapes its provenance records
     out: list[tuple[str, Rendered]] = []
     for target in parse_targets(targets):
         out += [(target, r) for r in EXPORTERS[target].render(pipeline)]
@@ -144,5 +134,4 @@ def export_pipeline(
     return [ExportResult(target=target, path=path, notes=r.notes) for (target, r), path in zip(rendered, paths)]
 
 
-__all__ = ["EXPORTERS", "TARGETS", "Exporter", "ExportResult", "export_pipeline", "parse_targets", "provenance_spec",
-           "render_pipeline"]
+__all__ = ["EXPORTERS", "TARGETS", "Exporter", "ExportResult", "export_pipeline", "parse_targets", "render_pipeline"]
