@@ -287,7 +287,10 @@ class _GuardedLoader(yaml.SafeLoader):
 
 def parse_yaml(text: str, *, where: str) -> Any:
     """Parse one YAML document safely (no Python tags, no alias bombs, bounded depth); one-line errors."""
-    loader = _GuardedLoader(text)
+    try:
+        loader = _GuardedLoader(text)  # PyYAML's reader rejects control characters here, before parsing
+    except yaml.YAMLError as exc:
+        raise UserError(f"{where}: invalid YAML ({printable(str(exc).splitlines()[0], 200)})") from None
     try:
         return loader.get_single_data()
     except _YamlTooComplex as exc:
