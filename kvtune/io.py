@@ -302,6 +302,9 @@ def parse_yaml(text: str, *, where: str) -> Any:
         raise UserError(f"{where}:{at} invalid YAML ({printable(problem, 200)})") from None
     except RecursionError:
         raise UserError(f"{where}: refused: nested too deeply") from None
+    except (ValueError, OverflowError) as exc:  # a scalar PyYAML cannot build: a 5000-digit int, a 30th of February
+        reason = str(exc).splitlines()[0].split("; use sys.set_int_max_str_digits")[0]
+        raise UserError(f"{where}: invalid YAML ({printable(reason, 200)})") from None
     finally:
         loader.dispose()
 
