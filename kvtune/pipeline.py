@@ -83,7 +83,8 @@ class Switches(_Strict):
 class QualityResult(_Strict):
     """Quality against the same model with the full cache (see docs/concepts.md for each metric)."""
 
-    quality_loss: float = Field(description="search objective: mean KL + (1 - probe retention)")
+    quality_loss: float = Field(description="search objective: mean KL + (1 - probe retention) + follow-up weight "
+                                "* (1 - follow-up retention)")
     kl_mean: float = Field(description="mean KL(full || candidate) of next-token distributions, nats")
     kl_max: float = Field(description="largest per-token KL seen, nats")
     top1_agreement: float = Field(ge=0.0, le=1.0, description="fraction of positions with the same argmax token")
@@ -98,6 +99,15 @@ class QualityResult(_Strict):
     )
     eval_tokens: int = Field(ge=0, description="continuation tokens scored")
     eval_context_tokens: list[int] = Field(default_factory=list, description="context length of each prompt")
+    multiturn_turns: int | None = Field(None, description="turns per multi-turn conversation probe")
+    turn_accuracy: list[float] | None = Field(
+        None, description="multi-turn probes: candidate accuracy per turn (a turn the full cache fails counts as missed)")
+    turn_accuracy_full: list[float] | None = Field(None, description="multi-turn probes: full-cache accuracy per turn")
+    turn1_retention: float | None = Field(
+        None, description="of the first turns the full cache answers, the fraction the candidate also answers")
+    followup_retention: float | None = Field(
+        None, description="of the follow-up turns (2nd on) the full cache answers, the fraction the candidate answers")
+    multiturn_kl: float | None = Field(None, description="mean KL(full || candidate) on multi-turn answer tokens, nats")
 
 
 class CostResult(_Strict):

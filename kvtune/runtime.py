@@ -306,9 +306,10 @@ class KVCache(Cache):
     def begin_turn(self) -> None:
         """The next forward is a new turn's prompt (a follow-up question): prefill-time selectors re-select after
         its attention with its queries as the window (a spilling selector recalls the top pages); decode-time
-        selectors keep evicting on their own schedule."""
+        selectors keep evicting on their own schedule; query-agnostic selectors never see a question (what they
+        kept from the context stays, the conversation's new tokens are kept)."""
         sel = self.stages.selector
-        if sel is not None and not sel.decode_time:
+        if sel is not None and not sel.decode_time and not sel.query_agnostic:
             for layer in self.layers:
                 layer.turn_start = True
 

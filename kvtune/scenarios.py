@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvtune.errors import UserError
+from kvtune.strategies import multiturn_safe
 
 # ``random`` is a baseline (measured by benchmarks/strategies.py for every report), never worth searching
 ALL_SELECTION = ("none", "streaming_llm", "snapkv", "h2o", "pyramidkv", "ada_kv", "tova", "knorm", "sliding_window")
@@ -42,6 +43,9 @@ class Scenario:
     why: str = ""
     advice: tuple[str, ...] = field(default=())
     offload_tiers: tuple[str, ...] = ("cpu",)  # where offload may put KV; recommend sets it from the hardware
+    # follow-up turns: reject a candidate whose follow-up retention (1.0 for the full cache, by definition) is
+    # lower than the full cache's by more than this; None = not checked
+    max_followup_drop: float | None = None
 
     def allows(self, axis: str, method: str) -> bool:
         return method in {"selection": self.selection, "codec": self.codecs, "placement": self.placements}[axis]
@@ -52,7 +56,7 @@ class Scenario:
             "codecs": list(self.codecs), "placements": list(self.placements),
             "max_quality_loss": self.max_quality_loss, "prefer": self.prefer, "tpot_ms": self.tpot_ms,
             "prefer_means": PREFERENCES[self.prefer], "prefix_caching": self.prefix_caching, "why": self.why,
-            "advice": list(self.advice),
+            "advice": list(self.advice), "max_followup_drop": self.max_followup_drop,
         }
 
 
@@ -90,9 +94,10 @@ SCENARIOS: dict[str, Scenario] = {
             advice=("On very small memory, a smaller model with GQA/MQA often beats aggressive KV compression.",),
         ),
         Scenario(
-            "multi-turn", "conversations that come back to earlier turns", ("none",), ALL_CODECS, ALL_PLACEMENTS,
-            max_quality_loss=0.1, prefer="throughput", tpot_ms=50.0,
-            why="tokens evicted in one turn are gone for the next: never drop for good; compress or offload instead",
+            "multi-turn", "conversations that come back to earlier turns", multiturn_safe("selection"), ALL_CODECS,
+            ALL_PLACEMENTS, max_quality_loss=0.1, prefer="throughput", tpot_ms=50.0, max_followup_drop=0.25,
+            why="tokens evicted in one turn are gone for the next: only stages that never drop a token for good "
+                "(spill-and-recall, codecs, placement), and follow-up answers must survive",
             advice=("Long conversations grow without bound under every lossless-or-compressed stage; hybrid "
                     "models with linear-attention or state-space layers (Jamba, Zamba, RecurrentGemma) keep a "
                     "fixed-size state for most layers, at the cost of exact recall of old turns.",),
@@ -115,6 +120,15 @@ SCENARIOS: dict[str, Scenario] = {
         ),
     )
 }
+
+
+def followup_ok(quality: Any, scenario: Scenario) -> bool:
+    """Does a measured candidate keep the follow-up answers the scenario asks for? ``quality`` is a
+    :class:`~kvtune.pipeline.QualityResult`. True when the scenario does not check follow-ups or no follow-up
+    turn was counted (the full cache answered none)."""
+    if scenario.max_followup_drop is None or quality.followup_retention is None:
+        return True
+    return 1.0 - quality.followup_retention <= scenario.max_followup_drop + 1e-12
 
 
 def get_scenario(name: str) -> Scenario:
