@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import stat
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -325,6 +326,13 @@ def load_profile(path: str | os.PathLike[str]) -> Profile:
     """Read and validate a profile YAML; :class:`UserError` (one line, with the file) when it is not one."""
     from kvtune.io import read_yaml
 
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = None  # missing or unreadable: read_yaml says which
+    if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        raise UserError(f"{printable(path)}: is not a regular file (a FIFO, socket or device would block or never "
+                        "end); save the profile to a file first")
     return profile_from_dict(read_yaml(path), printable(path))
 
 
