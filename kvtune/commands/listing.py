@@ -23,12 +23,12 @@ def scenarios(format: FormatOpt = OutputFormat.table) -> None:
         emit(rows, format)
         return
     table = Table(title="kvtune scenarios", show_lines=True)
-    for col in ("scenario", "for", "selection", "codec", "placement", "max loss", "prefers"):
+    for col in ("scenario", "for", "selection", "codec", "placement", "max loss", "prefers", "TPOT target"):
         table.add_column(col, overflow="fold")
     for r in rows:
         table.add_row(r["name"], f"{r['summary']}\n[dim]{r['why']}[/dim]", ", ".join(r["selection"]),
                       ", ".join(r["codecs"]), ", ".join(r["placements"]), f"{r['max_quality_loss']:g}",
-                      r["prefer_means"])
+                      r["prefer_means"], f"{r['tpot_ms']:g} ms")
     Console(width=160).print(table)
 
 

@@ -99,6 +99,55 @@ def simulate(requests: Iterable[TraceRequest], device_blocks: int, lower_blocks:
     return ReplayResult(device_blocks, lower_blocks, prompt, hit_top, hit_low, n, name)
 
 
+def stack_distance_hits(requests: list[TraceRequest], device_blocks: int, lower_blocks: int) -> tuple[int, int]:
+    """(device hit tokens, lower hit tokens) computed another way, to check :func:`simulate` against.
+
+    An exclusive two-tier LRU with demotion and promotion holds exactly the most recently used
+    ``device_blocks + lower_blocks`` blocks, the first ``device_blocks`` of them in the device tier (Mattson et
+    al., 1970: LRU is a stack algorithm). So a lookup hits the device iff fewer than ``device_blocks`` distinct
+    blocks were used since the block's last use, and the lower tier iff fewer than both tiers together. The
+    distances are counted with a Fenwick tree over use times (one mark per block, at its latest use); no cache
+    is simulated.
+    """
+    size = sum(len(r.blocks or ()) for r in requests) + 1
+    tree = [0] * (size + 1)
+
+    def add(i: int, v: int) -> None:
+        while i <= size:
+            tree[i] += v
+            i += i & -i
+
+    def prefix(i: int) -> int:
+        total = 0
+        while i > 0:
+            total += tree[i]
+            i -= i & -i
+        return total
+
+    last_use: dict[int, int] = {}
+    clock = hit_dev = hit_low = 0
+    for req in requests:
+        bt = req.block_tokens or 0
+        for i, b in enumerate(req.blocks or ()):
+            span = min(bt, req.input_tokens - i * bt)
+            if span <= 0 or b not in last_use:
+                break
+            distance = prefix(clock) - prefix(last_use[b])  # distinct blocks used since b's last use
+            if distance < device_blocks:
+                hit_dev += span
+            elif distance < device_blocks + lower_blocks:
+                hit_low += span
+            else:
+                break
+        for b in reversed(req.blocks or ()):
+            if b in last_use:
+                add(last_use[b], -1)
+            clock += 1
+            last_use[b] = clock
+            add(clock, 1)
+    return hit_dev, hit_low
+
+
 class Replay:
     """A trace's requests held once (token counts and block ids) and replayed for many capacities."""
 

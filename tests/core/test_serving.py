@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import bisect
 import math
 
 import pytest
 
 from kvtune.measure.calibration import Calibration, codec_key
 from kvtune.measure.figure import Figure, weakest
-from kvtune.measure.replay import Replay, simulate
+from kvtune.measure.replay import Replay, simulate, stack_distance_hits
 from kvtune.measure.serving import Candidate, Device, ServingModel, WorkloadMix
 from kvtune.measure.tiers import DISK_FRACTION, HOST_FRACTION, Tiers, exposed_copy_ms
 from kvtune.modelspec import preset
@@ -219,40 +218,11 @@ def test_replay_partial_last_block_counts_only_its_tokens():
     assert simulate(reqs, 10, 0).device_hit_tokens == 6
 
 
-def _stack_distance_hits(requests, dev, low):
-    """Independent computation: an exclusive two-tier LRU with demotion and promotion is one LRU stack split at
-    the device size; a block hits iff fewer than (dev + low) distinct blocks were touched since its last use."""
-    last_use: dict[int, int] = {}
-    times: list[int] = []  # sorted access times of the distinct blocks' latest uses
-    clock = 0
-    hit_dev = hit_low = 0
-    for req in requests:
-        size = req.block_tokens or 0
-        for i, b in enumerate(req.blocks or ()):
-            span = min(size, req.input_tokens - i * size)
-            if b not in last_use:
-                break
-            d = len(times) - bisect.bisect_right(times, last_use[b])  # distinct blocks used since
-            if d < dev:
-                hit_dev += span
-            elif d < dev + low:
-                hit_low += span
-            else:
-                break
-        for b in reversed(req.blocks or ()):
-            if b in last_use:
-                times.pop(bisect.bisect_left(times, last_use[b]))
-            clock += 1
-            last_use[b] = clock
-            times.append(clock)
-    return hit_dev, hit_low
-
-
 @pytest.mark.parametrize("dev,low", [(0, 0), (50, 0), (400, 0), (100, 300), (2000, 5000)])
 def test_replay_equals_stack_distances_on_the_bundled_trace(dev, low):
     replay = Replay.from_trace(bundled_trace_path())
     got = replay.run(dev * 512, low * 512)
-    want = _stack_distance_hits(replay.requests, dev, low)
+    want = stack_distance_hits(replay.requests, dev, low)
     assert (got.device_hit_tokens, got.lower_hit_tokens) == want
 
 
