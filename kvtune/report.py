@@ -25,7 +25,7 @@ def front_table(front: list[Pipeline], recommended: Pipeline | None, max_loss: f
     at = f" @ {target.tpot_target_ms:g} ms" if target is not None and target.tpot_target_ms else ""
     table = Table(title=title + (f" - serving figures for {target.target}" if target is not None else ""))
     for col, just in (("", "left"), ("pipeline", "left"), ("quality loss", "right"), ("KL", "right"),
-                      ("top-1", "right"), ("passkey", "right"), ("bytes/token", "right"), ("x smaller", "right"),
+                      ("top-1", "right"), ("passkey", "right"), ("follow-ups", "right"), ("bytes/token", "right"), ("x smaller", "right"),
                       (f"tokens/s{at}", "right"), ("TPOT ms", "right"), ("TTFT ms", "right"), ("batch", "right")):
         table.add_column(col, justify=just, overflow="fold")  # type: ignore[arg-type]
     for p in front:
@@ -36,7 +36,8 @@ def front_table(front: list[Pipeline], recommended: Pipeline | None, max_loss: f
             mark += " (over loss)"
         table.add_row(
             mark, p.label(), f"{m.quality.quality_loss:.4f}", f"{m.quality.kl_mean:.4f}",
-            _pct(m.quality.top1_agreement), _pct(m.quality.passkey_accuracy), f"{m.cost.bytes_per_token:,.0f}",
+            _pct(m.quality.top1_agreement), _pct(m.quality.passkey_accuracy), _pct(m.quality.followup_retention),
+            f"{m.cost.bytes_per_token:,.0f}",
             f"{m.cost.compression_ratio:.2f}", *_speed(p),
         )
     return table
@@ -74,6 +75,17 @@ def side_by_side(best: Pipeline, full: Pipeline) -> Table:
     return table
 
 
+def multiturn_lines(q) -> list[str]:
+    """Per-turn accuracy of a candidate and of the full cache on the multi-turn probes (none if not run)."""
+    if q.turn_accuracy is None or q.turn_accuracy_full is None:
+        return []
+    per = " / ".join(_pct(x) for x in q.turn_accuracy)
+    full = " / ".join(_pct(x) for x in q.turn_accuracy_full)
+    return [f"multi-turn    accuracy by turn {per} (full cache {full}); of the turns the full cache answers, "
+            f"turn 1 {_pct(q.turn1_retention)} and follow-ups {_pct(q.followup_retention)} kept (full cache: all); "
+            f"answer KL {q.multiturn_kl:.3f}"]
+
+
 def measured_lines(p: Pipeline) -> list[str]:
     m = p.measured
     assert m is not None
@@ -82,9 +94,11 @@ def measured_lines(p: Pipeline) -> list[str]:
         f"pipeline      {p.label()}",
         f"quality       loss {q.quality_loss:.4f} = KL {q.kl_mean:.4f} (max {q.kl_max:.3f})"
         + (f" + probe misses {1 - q.probe_retention:.3f}" if q.probe_retention is not None else "")
+        + (f" + weight x follow-up misses {1 - q.followup_retention:.3f}" if q.followup_retention is not None else "")
         + f"; top-1 agreement {_pct(q.top1_agreement)}; perplexity {q.perplexity:.3f} (full {q.perplexity_full:.3f})",
         f"probes        passkey {_pct(q.passkey_accuracy)} (full {_pct(q.passkey_full_accuracy)}), "
         f"kv-retrieval {_pct(q.kv_retrieval_accuracy)} (full {_pct(q.kv_retrieval_full_accuracy)})",
+        *multiturn_lines(q),
         f"memory        {c.bytes_per_token:,.0f} bytes/token vs {c.bytes_per_token_full:,.0f} full "
         f"({c.compression_ratio:.2f}x smaller)",
         f"capacity      {c.capacity_seqs:,} sequences of {c.context_tokens:,} tokens vs {c.capacity_full_seqs:,} "
