@@ -105,6 +105,15 @@ class _Group(TyperGroup):
             sys.exit(exc.exit_code)
         except Exit as exc:
             sys.exit(exc.exit_code)
+        except OSError as exc:  # a path the OS refuses (name too long, no space, permission, ...): one line
+            where = f"{printable(exc.filename, 120)}: " if exc.filename is not None else ""
+            typer.echo(f"kvtune: error: {where}{printable(exc.strerror or exc)}", err=True)
+            sys.exit(2)
+        except ValueError as exc:
+            if "embedded null byte" not in str(exc):  # only a path holding NUL (argv never does; in-process may)
+                raise
+            typer.echo("kvtune: error: a path holds a NUL byte", err=True)
+            sys.exit(2)
         except Abort:
             typer.echo("kvtune: aborted", err=True)
             sys.exit(130)

@@ -21,7 +21,7 @@ from kvtune.report import print_measured
 
 
 def evaluate(
-    pipeline: Annotated[Path, typer.Argument(help="pipeline YAML (from `kvtune recommend` or written by hand)")],
+    pipeline: Annotated[Path, typer.Argument(parser=nonempty_path, help="pipeline YAML (from `kvtune recommend` or written by hand)")],
     profile: Annotated[Optional[str], typer.Option(help="profile YAML from `kvtune profile`")] = None,
     hardware: Annotated[Optional[str], typer.Option(help="reference hardware, e.g. h100-sxm")] = None,
     model: Annotated[Optional[str], typer.Option(help="GGUF file, HF model folder or cached hub id")] = None,

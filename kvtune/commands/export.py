@@ -33,15 +33,20 @@ def write_exports(pipeline: Pipeline, targets: Iterable[str], out_dir: str | Pat
     return results
 
 
-def nonempty_path(value: str) -> Path:
-    """Typer parser for path options: an empty string is an error, not the current folder."""
+def nonempty_path(value: str | Path) -> Path:
+    """Typer parser for path arguments and options: an empty string is an error (not the current folder), and
+    so is a NUL byte (no file system takes one). Defaults arrive as paths already."""
+    if isinstance(value, Path):
+        return value
     if value == "":
         raise typer.BadParameter("empty path")
+    if "\x00" in value:
+        raise typer.BadParameter(f"{printable(value, 80)}: a path cannot hold a NUL byte")
     return Path(value)
 
 
 def export(
-    pipeline: Annotated[Path, typer.Argument(help="pipeline YAML to export", show_default=False)],
+    pipeline: Annotated[Path, typer.Argument(parser=nonempty_path, help="pipeline YAML to export", show_default=False)],
     to: Annotated[
         list[str],
         typer.Option("--to", help=f"target stack(s): {', '.join(TARGETS)} or all; comma list or repeated",

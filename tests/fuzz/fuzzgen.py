@@ -15,6 +15,8 @@ import copy
 import json
 import math
 import string
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -252,3 +254,151 @@ def file_shape(filename: str, text: str) -> Any:
     if filename.endswith(".json"):
         return json.loads(text)
     return yaml_shape(text)
+
+# -- the CLI ------------------------------------------------------------------------------------------------
+
+MODEL_SENTINEL = "fuzz: the model would load here"
+SECRET = "s3cr3tPW"
+_RAW_CONTROL = {chr(c) for c in range(32) if chr(c) not in "\n\t"} | {"\x7f", "\x85", "\u2028", "\u2029"}
+
+STORAGE_VALUES = [
+    "sqlite:///study.db", "journal:///tmp/kvtune-fuzz-journal.log", "study.log", "foo://x", "sqlite://relative.db",
+    f"postgresql://user:{SECRET}@127.0.0.1:1/db", f"postgresql://user:{SECRET}@@host/db",
+    f"postgresql://u@h/db?password={SECRET}", f"mysql://root:{SECRET}@nohost.invalid/db", "journal:", "",
+    "sqlite:////nonexistent-dir/x.db", "/proc/x.log",
+]
+FLAG_VALUES = {
+    "--scenario": ["multi-turn", "edge", "fast", ""],
+    "--storage": STORAGE_VALUES,
+    "--context": ["512", "0", "-1", "99999999999", "nan", "1e3", ""],
+    "--trials": ["1", "0", "-5", "x"],
+    "--export": ["vllm", "all", "vllm,tgi", ",", ""],
+    "--export-dir": ["out", "", "/proc", "pipeline.yaml"],
+    "--output": ["out.yaml", "", "/nonexistent/x.yaml", ".", "pipeline.yaml"],
+    "--to": ["vllm", "all", "kvpress,hf", "tgi", ""],
+    "--out-dir": ["out", "", "pipeline.yaml", "/proc/sys"],
+    "--format": ["table", "json", "yaml", "xml"],
+    "--hardware": ["h100-sxm", "nope"],
+    "--profile": ["profile.yaml", "missing.yaml", "pipeline.yaml", "bad.yaml"],
+    "--model": ["/nope/model.gguf", "pipeline.yaml"],
+    "--target": ["llama-3.1-8b", "nope"],
+    "--seed": ["0", "-1", "x"],
+    "--device": ["cpu", "cuda:9", "tpu", ""],
+    "--trace": ["trace.csv", "missing.csv", "pipeline.yaml", "bad.csv"],
+    "--trace-format": ["auto", "azure", "nope"],
+}
+COMMAND_FLAGS = {
+    "recommend": ["--scenario", "--storage", "--context", "--trials", "--export", "--export-dir", "--output",
+                  "--format", "--hardware", "--profile", "--model", "--target", "--seed", "--device", "--force",
+                  "--quick"],
+    "evaluate": ["--context", "--output", "--format", "--hardware", "--profile", "--model", "--target", "--seed",
+                 "--force", "--quick"],
+    "export": ["--to", "--out-dir", "--force"],
+    "profile": ["--trace", "--trace-format", "--hardware", "--output", "--format", "--force"],
+    "scenarios": ["--format"],
+    "strategies": ["--format"],
+}
+BOOL_FLAGS = {"--force", "--quick"}
+
+
+@st.composite
+def cli_args(draw: Any) -> list[str]:
+    """An argv for ``kvtune``: a command, flags with values from the lists above or hostile text, sometimes
+    positional junk, unknown flags or a missing value."""
+    command = draw(st.sampled_from([*COMMAND_FLAGS, "expor", "--version", "--help"]))
+    if command.startswith("--") or command not in COMMAND_FLAGS:
+        return [command]
+    args = [command]
+    if command in ("evaluate", "export"):
+        args.append(draw(st.sampled_from(["pipeline.yaml", "bad.yaml", "empty.yaml", "missing.yaml", "", "."])
+                         | hostile_text))
+    for flag in draw(st.lists(st.sampled_from(COMMAND_FLAGS[command] + ["--bogus"]), max_size=5)):
+        args.append(flag)
+        if flag in BOOL_FLAGS or flag == "--bogus":
+            continue
+        if draw(st.integers(0, 9)) == 0:
+            break  # flag without its value
+        args.append(draw(st.sampled_from(FLAG_VALUES.get(flag, [""])) | hostile_text))
+    if command == "recommend" and "--output" not in args:
+        args += ["--output", "out.yaml"]  # never the default kvtune-pipeline.yaml of a real run
+    if command == "profile" and "--hardware" not in args:
+        args += ["--hardware", "h100-sxm"]  # never probe this machine's bandwidth in a fuzz run
+    return args
+
+
+def write_inputs(folder: Path) -> None:
+    """The files the generated argv names: a valid pipeline, a broken one, an empty one, a profile, traces."""
+    (folder / "pipeline.yaml").write_text(to_yaml(base_doc(("snapkv", {"budget": 0.25}), ("kivi", {"bits": 4}),
+                                                          ("gpu", {}), {})))
+    (folder / "bad.yaml").write_text("schema_version: 1\ncodec: {method: kivi, params: {bits: 3}}\n")
+    (folder / "empty.yaml").write_text("")
+    (folder / "trace.csv").write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.68,374,44\n"
+                                      "2023-11-16 18:15:50.99,396,109\n")
+    (folder / "bad.csv").write_text("TIMESTAMP,ContextTokens\n\x00,\x1b[2J\n-1,nan\n")
+
+
+@dataclass
+class Outcome:
+    args: list[str]
+    exit_code: int
+    stdout: str
+    stderr: str
+    crash: str | None  # an exception other than SystemExit: its type and message
+    seconds: float
+
+
+def run_cli(args: list[str], folder: Path) -> Outcome:
+    """Run ``kvtune *args`` in-process in ``folder`` (model loading and hardware probing replaced by stand-ins
+    that raise :data:`MODEL_SENTINEL` / return a reference GPU, so a fully valid command stops there)."""
+    import os
+    import time
+    from unittest import mock
+
+    from typer.testing import CliRunner
+
+    from kvtune.cli import app
+    from kvtune.errors import UserError
+    from kvtune.profile import hardware
+
+    def no_model(*_: Any, **__: Any) -> Any:
+        raise UserError(MODEL_SENTINEL)
+
+    old = os.getcwd()
+    os.chdir(folder)
+    started = time.perf_counter()
+    try:
+        with mock.patch("kvtune.commands.common.load_model", no_model), \
+                mock.patch.object(hardware, "probe_hardware", lambda **_: hardware.reference_hardware("h100-sxm")):
+            result = CliRunner().invoke(app, args, env={"COLUMNS": "120", "NO_COLOR": "1"})
+    finally:
+        os.chdir(old)
+    crash = None
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        crash = f"{type(result.exception).__name__}: {result.exception}"
+    return Outcome(args, result.exit_code, result.stdout, result.stderr, crash, time.perf_counter() - started)
+
+
+def problems(outcome: Outcome, folder: Path) -> list[str]:
+    """What the outcome breaks: exit codes other than 0/2, tracebacks, a multi-line or unprefixed error, raw
+    control characters or a secret in the output, staging leftovers."""
+    found = []
+    if outcome.crash:
+        found.append(f"traceback: {outcome.crash}")
+    if outcome.exit_code not in (0, 2):
+        found.append(f"exit code {outcome.exit_code}")
+    if outcome.exit_code == 2:
+        lines = [ln for ln in outcome.stderr.splitlines() if ln.strip()]
+        errors = [ln for ln in lines if ln.startswith("kvtune: error: ")]
+        if len(errors) != 1 or not lines[-1].startswith("kvtune: error: "):
+            found.append(f"error not one line: {outcome.stderr[-300:]!r}")
+    text = outcome.stdout + outcome.stderr
+    if "Traceback" in text:
+        found.append("traceback text in output")
+    if SECRET in text:
+        found.append("secret printed")
+    if _RAW_CONTROL & set(outcome.stderr):
+        found.append(f"raw control character in stderr: {outcome.stderr[-200:]!r}")
+    leftovers = [p.name for p in folder.rglob("*") if p.name.endswith(".tmp") or ".kvtune-stage-" in p.name]
+    if leftovers:
+        found.append(f"partial files left: {leftovers}")
+    return found
