@@ -74,10 +74,17 @@ def test_snapkv_scores_match_naive_computation():
                 pos = t - 8 + i
                 logits = (q[0, qh, i] @ inp.keys[0, h, : pos + 1].T) * inp.scaling
                 votes[: pos + 1] += logits.softmax(-1)
-            pooled = torch.stack([votes[max(0, j - 1) : j + 2].mean() for j in range(t)])
-            per_q.append(pooled)
-        expected[0, h] = torch.stack(per_q).mean(0)
+            # the paper's code and kvpress: pool the keys before the window only, zero padding counted
+            prefix = torch.cat([torch.zeros(1), votes[: t - 8], torch.zeros(1)])
+            per_q.append(torch.stack([prefix[j : j + 3].sum() / 3 for j in range(t - 8)]))
+        scored = torch.stack(per_q).mean(0)
+        expected[0, h] = torch.cat([scored, scored.max().expand(8)])  # the window ranks with the best prefix key
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_snapkv_defaults_are_the_papers_code_and_kvpress():
+    sel = SnapKV()
+    assert (sel.window, sel.kernel, sel.pooling) == (64, 5, "avg")
 
 
 def test_h2o_uses_accumulated_attention():
