@@ -96,6 +96,16 @@ def test_h2o_uses_accumulated_attention():
     assert idx[0, 0].tolist() == [5, 11, 18, 19]
 
 
+def test_h2o_normalizes_by_the_queries_that_see_each_key():
+    inp = _inputs(b=1, t=20)
+    inp.attention_sums = torch.zeros(1, 3, 20)
+    inp.attention_sums[:, :, 2] = 9.0  # seen by 18 prompt queries: 0.5 per query
+    inp.attention_sums[:, :, 15] = 4.0  # seen by 5: 0.8 per query
+    inp.attention_sums[:, :, 10] = 6.0  # seen by 10: 0.6 per query
+    assert H2O(budget=4, recent=2, sinks=0).select(inp)[0, 0].tolist() == [10, 15, 18, 19]
+    assert H2O(budget=4, recent=2, sinks=0, normalize=False).select(inp)[0, 0].tolist() == [2, 10, 18, 19]
+
+
 @pytest.mark.parametrize("bad", [0.0, 1.5, -3, 0, True, "half"])
 def test_invalid_budgets_rejected(bad):
     with pytest.raises(ValueError, match="budget"):
