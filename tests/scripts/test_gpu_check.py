@@ -27,7 +27,7 @@ def _bash(*args, env=None, timeout=60):
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-check")
-    proc = _bash(SCRIPT, out, "--dry-run", timeout=480)
+    proc = _bash(SCRIPT, out, "--dry-run", timeout=720)
     return out, proc
 
 
