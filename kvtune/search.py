@@ -87,7 +87,7 @@ def eval_fingerprint(ctx: SearchContext, model_source: str) -> str:
     """What must not change between runs of one study: model, evaluation set, cost setup, scenario."""
     t = ctx.target
     doc = {"model": model_source, "eval": ctx.eval_config.__dict__, "scenario": ctx.scenario.name,
-           "spec": t.spec.name, "context": t.cost.context_tokens, "hardware": t.hardware.name, "tpot": t.tpot_ms,
+           "spec": t.spec.name, "context": t.cost.context_tokens, "hardware": t.hardware.name, "tpot": t.tpot_requested,
            "workload": t.workload.name if t.workload is not None else None}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

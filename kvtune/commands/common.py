@@ -109,7 +109,9 @@ def parse_run_device(device: str) -> str:
 def prepare(*, model: str | None, trust_remote_code: bool, profile: str | None, hardware: str | None,
             target: str | None, context: int | None, quick: bool, attention_sums: bool, seed: int,
             device: str = "auto", tpot_ms: float | None = None, default_tpot_ms: float | None = None,
-            calibration: list[str] | None = None) -> Prepared:
+            calibration: list[str] | None = None, codecs: tuple[str, ...] = ("fp16",)) -> Prepared:
+    """Load the hardware, workload and model, price the target (``codecs``: the calibration codec keys the run
+    may need, see :func:`kvtune.measure.calibration.codec_keys`) and build the evaluation set."""
     from kvtune.profile.workload import default_workload
 
     dev = parse_run_device(device)
@@ -124,7 +126,7 @@ def prepare(*, model: str | None, trust_remote_code: bool, profile: str | None, 
     with stderr.status("pricing the target ...") as status:
         tgt = build_target(hardware=hw, workload=workload, loaded=loaded, target=target, context=context,
                            tpot_ms=tpot_ms, default_tpot_ms=default_tpot_ms, calibration_files=calibration,
-                           kernel_device=str(loaded.device), progress=lambda msg: status.update(msg))
+                           codecs=codecs, kernel_device=str(loaded.device), progress=lambda msg: status.update(msg))
     for note in tgt.notes:
         stderr.print(f"note: {note}")
     cfg = EvalConfig.quick() if quick else EvalConfig()

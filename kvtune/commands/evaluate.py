@@ -13,6 +13,7 @@ from kvtune import __version__
 from kvtune.commands.common import DEVICE_HELP, OutputFormat, emit, needs_attention_sums, prepare, stderr
 from kvtune.commands.export import nonempty_path
 from kvtune.io import atomic_write_text, show
+from kvtune.measure.calibration import codec_key
 from kvtune.pipeline import Provenance, utc_now, validate_pipeline
 from kvtune.preflight import evaluate_inputs
 from kvtune.scenarios import get_scenario
@@ -40,7 +41,8 @@ def evaluate(
     needs_sums = needs_attention_sums(given.selection.method)
     prep = prepare(model=model, trust_remote_code=trust_remote_code, profile=profile, hardware=hardware,
                    target=target, context=context, quick=quick, attention_sums=needs_sums, seed=seed,
-                   device=device, default_tpot_ms=get_scenario("multi-turn").tpot_ms)
+                   device=device, default_tpot_ms=get_scenario("multi-turn").tpot_ms,
+                   codecs=(codec_key(given.codec.method, given.codec.params),))
     validate_pipeline(given, spec=prep.loaded.spec, where=show(pipeline))  # shapes of the model it runs on
     ctx = SearchContext(model=prep.loaded.model, evalset=prep.evalset, eval_config=prep.eval_config,
                         target=prep.target_model, scenario=get_scenario("multi-turn"), seed=seed)

@@ -17,6 +17,7 @@ from kvtune.commands.common import DEVICE_HELP, OutputFormat, emit, needs_attent
 from kvtune.commands.export import nonempty_path, write_exports
 from kvtune.errors import UserError, printable
 from kvtune.io import atomic_write_text, check_writable
+from kvtune.measure.calibration import codec_keys
 from kvtune.pipeline import Pipeline, Provenance, utc_now
 from kvtune.preflight import recommend_inputs
 from kvtune.report import front_table, print_measured, side_by_side
@@ -82,7 +83,8 @@ def recommend(
     needs_sums = any(needs_attention_sums(m) for m in scen.selection)
     prep = prepare(model=model, trust_remote_code=trust_remote_code, profile=profile, hardware=hardware,
                    target=target, context=context, quick=quick, attention_sums=needs_sums, seed=seed,
-                   device=device, tpot_ms=tpot_ms, default_tpot_ms=scen.tpot_ms, calibration=calibration)
+                   device=device, tpot_ms=tpot_ms, default_tpot_ms=scen.tpot_ms, calibration=calibration,
+                   codecs=tuple(k for c in scen.codecs for k in codec_keys(c)))
     tgt = prep.target_model
     if "offload" in scen.placements:
         tiers = tgt.offload_tiers()

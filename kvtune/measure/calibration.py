@@ -135,6 +135,15 @@ class Calibration:
         return Factor(best.number, best.source, best.citation)
 
 
+def codec_keys(method: str) -> tuple[str, ...]:
+    """Every calibration codec a codec method may be priced at, whatever its parameters."""
+    if method == "kivi":
+        return ("kivi-4", "kivi-2")
+    if method == "mixed":
+        return ("kivi-4", "kivi-2", "int8", "fp8")
+    return (method,) if method in CODECS else ("fp16",)
+
+
 def codec_key(method: str, params: dict[str, Any]) -> str:
     """The calibration codec name of a codec stage (``kivi`` with ``bits: 2`` -> ``kivi-2``)."""
     if method == "kivi":

@@ -143,52 +143,61 @@ def warm_up(model: Any, spec: ModelSpec, limit: int = 10) -> None:
         last = ms
 
 
-def _key(source: str, codecs: tuple[str, ...]) -> str:
+def _key(source: str) -> str:
     import torch
 
-    doc = [FIT_VERSION, source, codecs, platform.node(), platform.processor(), torch.__version__, torch.get_num_threads()]
+    doc = [FIT_VERSION, source, platform.node(), platform.processor(), torch.__version__, torch.get_num_threads()]
     return hashlib.sha256(json.dumps(doc, default=str).encode()).hexdigest()[:16]
 
 
 def calibrate(model: Any, spec: ModelSpec, *, source: str, params: int, weights_bytes: int,
               codecs: tuple[str, ...] = tuple(CODEC_STAGES), use_cache: bool = True,
               progress: Callable[[str], None] | None = None) -> CpuFit:
-    """Fit the CPU step model for ``model`` (loaded, on the CPU) on this machine; cached per machine and model."""
+    """Fit the CPU step model for ``model`` (loaded, on the CPU) on this machine, with the KV efficiency of each of
+    ``codecs`` (fp16 always). Cached per machine and model; codecs missing from the cache are measured and added."""
     import torch
 
     say = progress or (lambda msg: None)
-    path = CACHE_DIR / f"cpu-step-{_key(source, codecs)}.json"
+    path = CACHE_DIR / f"cpu-step-{_key(source)}.json"
+    fit: CpuFit | None = None
     if use_cache and path.is_file():
         try:
-            return CpuFit(**json.loads(path.read_text()))
+            fit = CpuFit(**json.loads(path.read_text()))
         except (ValueError, TypeError):
-            pass
-    machine = f"this machine ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    say("calibrating the CPU step model: memory and matmul rates")
-    copy_gbps, gflops = measure_copy_gbps(), measure_matmul_gflops()
-    full = CODEC_STAGES["fp16"]
-    say("calibrating the CPU step model: decode steps")
-    warm_up(model, spec)
-    one = decode_step_ms(model, spec, 1, SHORT, full, repeats=5)
-    wide = decode_step_ms(model, spec, WIDE_BATCH, SHORT, full, repeats=5)
-    per_seq = max((wide - one) / (WIDE_BATCH - 1), 1e-3)
-    fixed = max(one - per_seq, 1e-3)
-    points = [{"batch": 1, "tokens": SHORT, "codec": "fp16", "ms": one},
-              {"batch": WIDE_BATCH, "tokens": SHORT, "codec": "fp16", "ms": wide}]
-    eff: dict[str, float] = {}
-    for key in codecs:
+            fit = None
+    wanted = ("fp16", *(k for k in codecs if k != "fp16"))
+    if fit is not None and all(k in fit.kv_efficiency for k in wanted):
+        return fit
+    if fit is None:
+        machine = f"this machine ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        say("calibrating the CPU step model: memory and matmul rates")
+        copy_gbps, gflops = measure_copy_gbps(), measure_matmul_gflops()
+        full = CODEC_STAGES["fp16"]
+        say("calibrating the CPU step model: decode steps")
+        warm_up(model, spec)
+        one = decode_step_ms(model, spec, 1, SHORT, full, repeats=5)
+        wide = decode_step_ms(model, spec, WIDE_BATCH, SHORT, full, repeats=5)
+        per_seq = max((wide - one) / (WIDE_BATCH - 1), 1e-3)
+        fit = CpuFit(copy_gbps=copy_gbps, matmul_gflops=gflops, fixed_ms=max(one - per_seq, 1e-3),
+                     per_sequence_ms=per_seq, kv_efficiency={},
+                     points=[{"batch": 1, "tokens": SHORT, "codec": "fp16", "ms": one},
+                             {"batch": WIDE_BATCH, "tokens": SHORT, "codec": "fp16", "ms": wide}],
+                     machine=machine, weights_bytes=weights_bytes, params=params)
+    else:
+        warm_up(model, spec)
+    for key in wanted:
+        if key in fit.kv_efficiency:
+            continue
         method, params_ = CODEC_STAGES[key]
         say(f"calibrating the CPU step model: {key} KV reads")
         ms = decode_step_ms(model, spec, KV_BATCH, KV_TOKENS, CODEC_STAGES[key], repeats=5)
-        kv_ms = max(ms - fixed - KV_BATCH * per_seq, 1e-3)
+        kv_ms = max(ms - fit.fixed_ms - KV_BATCH * fit.per_sequence_ms, 1e-3)
         bpt = codec_bytes_per_token(method, params_, spec)
-        eff[key] = KV_BATCH * KV_TOKENS * bpt / (copy_gbps * 1e9) * 1e3 / kv_ms
-        points.append({"batch": KV_BATCH, "tokens": KV_TOKENS, "codec": key, "ms": ms})
-    fit = CpuFit(copy_gbps=copy_gbps, matmul_gflops=gflops, fixed_ms=fixed, per_sequence_ms=per_seq,
-                 kv_efficiency=eff, points=points, machine=machine, weights_bytes=weights_bytes, params=params)
+        fit.kv_efficiency[key] = KV_BATCH * KV_TOKENS * bpt / (fit.copy_gbps * 1e9) * 1e3 / kv_ms
+        fit.points.append({"batch": KV_BATCH, "tokens": KV_TOKENS, "codec": key, "ms": ms})
     try:
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(asdict(fit), indent=1))
         os.replace(tmp, path)
     except OSError:

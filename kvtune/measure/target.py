@@ -40,6 +40,7 @@ class Target:
     serving: ServingModel
     cost: CostSetup
     tpot_ms: float | None
+    tpot_requested: float | None = None  # --tpot-ms or the scenario's default, before any adjustment
     notes: list[str] = field(default_factory=list)
 
     def pin_device_pool(self, nbytes: int) -> None:
@@ -99,7 +100,9 @@ def full_cache() -> Pipeline:
 
 def build_target(*, hardware: Any, workload: Any, loaded: Any, target: str | None, context: int | None,
                  tpot_ms: float | None, default_tpot_ms: float | None, calibration_files: list[str] | None = None,
-                 kernel_device: str = "cpu", progress: Callable[[str], None] | None = None) -> Target:
+                 codecs: tuple[str, ...] = ("fp16",), kernel_device: str = "cpu",
+                 progress: Callable[[str], None] | None = None) -> Target:
+    """``codecs``: the calibration codec keys the run may price (a CPU target measures each one once)."""
     """Every cost-side decision for one run (see the module docstring)."""
     say = progress or (lambda msg: None)
     notes: list[str] = []
@@ -124,8 +127,9 @@ def build_target(*, hardware: Any, workload: Any, loaded: Any, target: str | Non
         # the model runs here in float32: the CPU step model is fitted to the loaded model's real decode steps
         weights = params * 4
         say("calibrating the CPU step model")
+        keys = tuple(k for k in dict.fromkeys(codecs) if k in cpu_calibration.CODEC_STAGES)
         fit = cpu_calibration.calibrate(loaded.model, loaded.spec, source=loaded.source, params=loaded_params,
-                                        weights_bytes=loaded_params * 4, progress=say)
+                                        weights_bytes=loaded_params * 4, codecs=keys, progress=say)
         device = fit.device(hardware.name)
         if not same_model:
             notes.append(f"CPU step model fitted on {loaded.name} and scaled to {spec.name} by bytes and FLOPs")
@@ -155,4 +159,5 @@ def build_target(*, hardware: Any, workload: Any, loaded: Any, target: str | Non
                          f"(full cache, batch 1: {one:.1f} ms); using {tpot:g} ms (1.5x that). Set --tpot-ms")
     serving.tpot_ms = tpot
     return Target(spec=spec, hardware=hardware, workload=workload, tiers=tiers, device=device, serving=serving,
-                  cost=cost, tpot_ms=tpot, notes=notes)
+                  cost=cost, tpot_ms=tpot, tpot_requested=tpot_ms if tpot_ms is not None else default_tpot_ms,
+                  notes=notes)
