@@ -155,6 +155,30 @@ def build_conversation(tokenizer: Any, document_ids: list[int], context_tokens: 
     return Conversation(torch.tensor(ids), placed, out_turns)
 
 
+MIN_TURNS, MAX_TURNS = 2, 4
+
+
+def probe_turns(workload: Any, facts: int, default: int) -> tuple[int, str]:
+    """Turns per probe conversation from the workload's multi-turn structure, and where the number came from.
+
+    ``workload`` is a :class:`~kvtune.profile.schema.WorkloadProfile` (or None). Sessions in the trace: the median
+    turns per session. Else prefix reuse (Mooncake ``hash_ids``): a conversation of n equal turns re-reads about
+    (n - 1) / n of its input, so n = 1 / (1 - reuse). Clamped to 2..min(4, facts): one follow-up at least, and
+    each turn asks about a different fact."""
+    hi = min(MAX_TURNS, facts)
+    stats = getattr(workload, "turns_per_session", None)
+    if stats is not None:
+        n = max(MIN_TURNS, min(hi, int(stats.p50)))
+        return n, f"median turns per session of the trace ({stats.p50}), clamped to {MIN_TURNS}..{hi}"
+    reuse = getattr(workload, "prefix_reuse_ratio", None)
+    if reuse is not None:
+        raw = 1.0 / max(1e-6, 1.0 - float(reuse))
+        n = max(MIN_TURNS, min(hi, round(raw)))
+        return n, (f"prefix reuse of the trace ({100 * float(reuse):.0f}% of input tokens, ~{raw:.1f} turns per "
+                   f"conversation), clamped to {MIN_TURNS}..{hi}")
+    return default, "default (the workload has no sessions or prefix reuse)"
+
+
 def run_conversation(model: Any, record: PrefillRecord, prompts: list[torch.Tensor], answers: list[torch.Tensor],
                      stages: Stages, seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor], KVCache]:
     """Run every turn over one persisting cache. prompts/answers: per turn (B, Q) / (B, A).

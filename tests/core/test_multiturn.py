@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from kvtune.measure.multiturn import build_conversation, build_conversations, run_conversation, score_conversations
+from kvtune.measure.multiturn import build_conversation, probe_turns, run_conversation
 from kvtune.measure.quality import EvalConfig, build_eval_set, evaluate_quality, full_stages, pydoc_text
 from kvtune.pipeline import Pipeline, Stage
 from kvtune.runtime import KVCache, prefill_record
@@ -208,3 +208,14 @@ def test_followup_ok_compares_with_the_full_cache():
     assert not followup_ok(lost, mt)
     assert followup_ok(lost, SCENARIOS["datacenter"])  # other scenarios do not check follow-ups
     assert followup_ok(full.model_copy(update={"followup_retention": None}), mt)  # nothing to compare
+
+
+def test_probe_turns_follow_the_workload():
+    from types import SimpleNamespace as NS
+
+    assert probe_turns(None, 4, 3)[0] == 3
+    assert probe_turns(NS(turns_per_session=NS(p50=7), prefix_reuse_ratio=None), 4, 3)[0] == 4  # clamped to facts
+    assert probe_turns(NS(turns_per_session=NS(p50=1), prefix_reuse_ratio=None), 4, 3)[0] == 2  # one follow-up
+    n, why = probe_turns(NS(turns_per_session=None, prefix_reuse_ratio=0.5), 4, 3)
+    assert n == 2 and "prefix reuse" in why
+    assert probe_turns(NS(turns_per_session=None, prefix_reuse_ratio=0.7), 4, 3)[0] == 3
