@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import ast
 import importlib
-import importlib.util
 import sys
 import warnings
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import typer
 from typer.core import TyperCommand, TyperGroup
 
+import kvtune
 from kvtune.errors import UserError, printable
 
 try:  # typer >= 0.26 carries its own copy of click
@@ -46,11 +47,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def command_summary(name: str) -> str:
     """First line of the command function's docstring, read from its source without importing it."""
     module, func = COMMANDS[name]
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:  # pragma: no cover - a broken install
+    # the file is found from kvtune's own folder: find_spec would import the parent packages (and their imports)
+    source = Path(kvtune.__file__).parent.joinpath(*module.split(".")[1:]).with_suffix(".py")
+    try:
+        tree = ast.parse(source.read_text(encoding="utf-8"))
+    except OSError:  # pragma: no cover - a broken install
         return ""
-    with open(spec.origin, encoding="utf-8") as fh:
-        tree = ast.parse(fh.read())
     for node in tree.body:
         if isinstance(node, ast.FunctionDef) and node.name == func:
             doc = ast.get_docstring(node) or ""
