@@ -253,7 +253,7 @@ def run_traces(tally: Tally, folder: Path, n: int, timeout: float) -> None:
             text = "\n".join(json.dumps(dict(zip(head.split(","), r))) for r in rows) + "\n"
         trace.write_text(text, encoding="utf-8", errors="surrogatepass")
         _cli_case("traces", tally, folder, ["profile", "--trace", str(trace), "--hardware", "h100-sxm",
-                                            "--format", "json"], timeout)
+                                            "--format", "json", "-o", "fuzz-profile.yaml", "--force"], timeout)
 
     _drive(st.tuples(header, st.lists(st.lists(cell, min_size=1, max_size=4), max_size=8),
                      st.sampled_from([".csv", ".jsonl", ".txt"])), n, body)

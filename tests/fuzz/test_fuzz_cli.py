@@ -45,7 +45,8 @@ def test_generated_traces(folder, rows, header):
     trace = folder / "fuzz-trace.csv"
     trace.write_text(header + "\n" + "\n".join(",".join(r) for r in rows) + "\n", encoding="utf-8",
                      errors="surrogatepass")
-    outcome = run_cli(["profile", "--trace", str(trace), "--hardware", "h100-sxm", "--format", "json"], folder)
+    outcome = run_cli(["profile", "--trace", str(trace), "--hardware", "h100-sxm", "--format", "json",
+                       "-o", "fuzz-profile.yaml", "--force"], folder)
     assert not problems(outcome, folder), problems(outcome, folder)
 
 
