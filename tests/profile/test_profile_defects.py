@@ -63,6 +63,8 @@ def counted_malformed(tmp_path, trace: Path, reason_part: str, requests=20) -> d
     assert w["requests"] == requests and w["malformed_rows"] == 1
     assert reason_part in w["malformed_examples"][0]["reason"], w["malformed_examples"][0]
     assert w["malformed_examples"][0]["line"] == requests + 1
+    warning = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(warning) == 1 and warning[0].endswith("--strict fails on them")  # one line, not wrapped at 80
     strict = one_line_error(tmp_path, trace, "--strict")
     assert f":{requests + 1}: " in strict and reason_part in strict
     return w
