@@ -117,6 +117,17 @@ def test_export_all_and_force(cli, tmp_path) -> None:
         ("schema_version: 7\n", "newer than this kvtune understands"),
         ("- just\n- a list\n", "expected a mapping"),
         ("codec: {method: fp8}\n", "missing 'schema_version'"),
+        ("", "empty document"),
+        # issue 14: each of these was exported with exit code 0
+        ("schema_version: 1\nselection: {method: snapkv, params: {budget: -1}}\n", "budget token count must be in"),
+        ("schema_version: 1\ncodec: {method: kivi, params: {bits: 3}}\n", "bits must be 2 or 4"),
+        ("schema_version: 1\nplacement: {method: offload, params: {gpu_fraction: 1.5}}\n", "gpu_fraction must be in"),
+        ("schema_version: 1\nplacement: {method: offload, params: {gpu_fraction: .nan}}\n", "placement.params.gpu_fraction"),
+        ("schema_version: 1\nplacement: {method: offload, params: {block_size: 0}}\n", "block_size must be one of"),
+        ("schema_version: 1\nselection: {method: magic}\n", "selection.method: unknown 'magic'"),
+        ("schema_version: 1\ncodec: {method: snapkv}\n", "codec.method: unknown 'snapkv'"),
+        ("schema_version: 1\nswitches: {gpu_memory_fraction: .inf}\n", "switches.gpu_memory_fraction"),
+        ("schema_version: 1\nname: " + "[" * 2000 + "]" * 2000 + "\n", "nested deeper than 64 levels"),
     ],
 )
 def test_bad_pipeline_is_one_line_exit_2(cli, tmp_path, content: str, expected: str) -> None:
