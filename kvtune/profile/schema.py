@@ -31,7 +31,8 @@ MAX_BYTES = 1 << 62
 MAX_GBPS = 1e6
 MAX_TFLOPS = 1e6
 MAX_TOKENS = 1 << 40
-MAX_SECONDS = 1e10  # ~317 years: longer than any trace or probe
+MAX_SECONDS = 1e15  # time spans: summed over several traces; finite is what matters
+MAX_RATE_PER_S = 1e12  # arrival rate: a trace claiming more has timestamps finer than it can resolve
 
 Bytes = Annotated[int, Field(ge=0, le=MAX_BYTES)]
 Count = Annotated[int, Field(ge=0, le=MAX_TOKENS)]  # rows, tokens, turns, sequences
@@ -222,8 +223,8 @@ class WorkloadProfile(_Model):
     output_tokens: LengthStats
     total_tokens: LengthStats
     time_span_s: Seconds | None = None
-    arrival_rate_per_s: Annotated[float, Field(gt=0, le=1e9, allow_inf_nan=False)] | None = None
-    interarrival_cv: Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)] | None = None  # 1 = Poisson
+    arrival_rate_per_s: Annotated[float, Field(gt=0, le=MAX_RATE_PER_S, allow_inf_nan=False)] | None = None
+    interarrival_cv: Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)] | None = None  # 1 = Poisson
     sessions: Annotated[int, Field(ge=1, le=MAX_TOKENS)] | None = None
     turns_per_session: LengthStats | None = None
     prefix_reuse_ratio: Fraction | None = None  # input tokens a prefix cache could serve / all input tokens

@@ -31,7 +31,7 @@ from kvtune.profile.readers import FORMATS, Malformed, TraceRequest, Units, file
 from kvtune.profile.readers.base import check_regular
 from kvtune.profile.readers.text import BLOCK_TOKENS as TEXT_BLOCK_TOKENS
 from kvtune.profile.readers.text import CHARS_PER_TOKEN_ESTIMATE
-from kvtune.profile.schema import MalformedRow, TraceSource, WorkloadProfile
+from kvtune.profile.schema import MAX_RATE_PER_S, MalformedRow, TraceSource, WorkloadProfile
 
 __all__ = ["DEFAULT_WORKLOAD", "FORMATS", "TraceRequest", "bundled_trace_path", "bundled_workloads",
            "default_workload", "iter_requests", "read_trace"]
@@ -296,10 +296,14 @@ def read_trace(
     cv = None
     if acc.gap_n >= 2 and acc.gap_mean > 0:
         cv = round(math.sqrt(acc.gap_m2 / (acc.gap_n - 1)) / acc.gap_mean, 4)
+        cv = cv if math.isfinite(cv) and cv <= 1e9 else None  # gaps of a few subnormal seconds: no meaningful CV
     if acc.out_of_order:
         notes.append(f"{acc.out_of_order} requests arrive earlier than the row before them (trace not time-ordered); "
                      "inter-arrival figures use the ordered gaps only")
-    rate = round((timed_requests - 1) / span_total, 6) if span_total > 0 and timed_requests > 1 else None
+    rate = float(f"{(timed_requests - 1) / span_total:.6g}") if span_total > 0 and timed_requests > 1 else None
+    if rate is not None and rate > MAX_RATE_PER_S:  # timestamps finer than any trace resolves
+        notes.append(f"time span of {span_total:.3g} s is too short for an arrival rate")
+        rate = None
     if len(paths) > 1 and rate is not None:
         notes.append("several traces: arrival rate = their requests over their summed time spans (back to back)")
     reuse = round(acc.reused_tokens / acc.reuse_input_tokens, 6) if acc.reuse_input_tokens else None

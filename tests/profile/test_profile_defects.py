@@ -113,6 +113,26 @@ def test_timestamp_1e27_is_a_malformed_row_and_the_rate_stays_real(tmp_path):
     assert w["arrival_rate_per_s"] == pytest.approx(1.0)
 
 
+def test_an_offset_among_epoch_timestamps_is_a_malformed_row(tmp_path):
+    # found by the fuzz tests: one stray "00.002" in an Azure trace made the span 53 years and the rate 1e-9/s
+    p = tmp_path / "a.csv"
+    p.write_text(AZURE + "00.002,5,5\n")
+    w = read_trace(p)
+    assert w.requests == 3 and w.malformed_rows == 1 and "offset from the trace start" in w.malformed_examples[0].reason
+    assert w.time_span_s == pytest.approx(5.32) and w.arrival_rate_per_s == pytest.approx(2 / 5.32, rel=1e-5)
+
+
+def test_arrival_rate_is_never_rounded_to_zero_or_infinite(tmp_path):
+    p = tmp_path / "b.csv"
+    p.write_text("Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+                 "0,a,1,1,2,x\n1e-300,a,1,1,2,x\n")
+    w = read_trace(p)
+    assert w.arrival_rate_per_s is None and "too short for an arrival rate" in w.notes[-1]
+    p.write_text("Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+                 "0,a,1,1,2,x\n315000000,a,1,1,2,x\n")  # two requests ten years apart
+    assert read_trace(p).arrival_rate_per_s == pytest.approx(1 / 315_000_000)
+
+
 def test_epoch_timestamp_before_2000_is_a_malformed_row(tmp_path):
     p = tmp_path / "b.csv"
     p.write_text("Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"

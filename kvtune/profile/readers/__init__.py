@@ -24,6 +24,7 @@ from kvtune.profile.readers.base import (
     Malformed,
     Reader,
     RowError,
+    TimeKind,
     TraceRequest,
     base_suffix,
     bounded_lines,
@@ -129,6 +130,7 @@ def _csv_events(path: Path, reader: Reader, columns: dict[str, str] | None, deli
 
 def _json_events(path: Path, reader: Reader, ctx: Context, container: str) -> Iterator[Event]:
     parse = reader.json_rows(ctx)
+    kind = TimeKind()
     with guarded(path), open_text(path) as fh:
         records = json_array(fh, printable(path)) if container == "json" else json_lines(fh)
         for item in records:
@@ -141,6 +143,8 @@ def _json_events(path: Path, reader: Reader, ctx: Context, container: str) -> It
                 continue
             try:
                 requests = parse(line, obj)
+                for r in requests:
+                    kind.check(r.timestamp_s)
             except KeyError as exc:
                 yield Malformed(line, f"missing field {quote(exc.args[0] if exc.args else '')}")
                 continue

@@ -17,7 +17,9 @@ Limits (each a malformed row, or for the file as a whole a :class:`~kvtune.error
 * a token count is a whole number in ``[0, MAX_TOKENS_PER_REQUEST]`` (2^24 = 16,777,216 tokens: beyond the
   context of any model), written with at most :data:`MAX_NUMBER_CHARS` characters;
 * a timestamp is finite and plausible: seconds since the Unix epoch between 2000-01-01 and 2100-01-01, or an
-  offset from the trace start between 0 and 10 years (:data:`MAX_RELATIVE_S`).
+  offset from the trace start between 0 and 10 years (:data:`MAX_RELATIVE_S`); the file's first timestamp
+  decides which, and a later row of the other kind is malformed (:class:`TimeKind`: one stray offset in an epoch
+  trace would make its span decades long).
 
 Every reason quotes input through :func:`kvtune.errors.printable` (control characters escaped, cut at 40).
 """
@@ -195,6 +197,26 @@ def seconds(value: Any, scale: float = 1.0) -> float:
                        "nor an offset of 0 to 10 years" + ("; milliseconds? use time_ms=" if ts > EPOCH_MAX_S
                                                            and scale == 1.0 else "") + ")")
     return ts
+
+
+class TimeKind:
+    """Per file: the first timestamp says whether the trace counts epoch seconds or offsets from its start; a later
+    timestamp of the other kind raises :class:`RowError`."""
+
+    __slots__ = ("epoch",)
+
+    def __init__(self) -> None:
+        self.epoch: bool | None = None
+
+    def check(self, ts: float | None) -> None:
+        if ts is None:
+            return
+        epoch = ts >= EPOCH_MIN_S
+        if self.epoch is None:
+            self.epoch = epoch
+        elif epoch != self.epoch:
+            raise RowError(f"timestamp {ts:.6g} s is {'an epoch time' if epoch else 'an offset from the trace start'}"
+                           f", but the file's first timestamp is {'an epoch time' if self.epoch else 'an offset'}")
 
 
 def _iso_seconds(s: str, raw: Any) -> float:
@@ -493,6 +515,7 @@ def csv_requests(header: list[str], rows: Iterator[tuple[int, list[str]] | Malfo
     scale = 1e-3 if time_key == "time_ms" else 1.0
     i_s = column_index(header, cols["session"], where) if "session" in cols else None
     width = len(header)
+    kind = TimeKind()
     for item in rows:
         if isinstance(item, Malformed):
             yield item
@@ -505,6 +528,7 @@ def csv_requests(header: list[str], rows: Iterator[tuple[int, list[str]] | Malfo
             inp = count(row[i_in])
             out = count(row[i_out])
             ts = seconds(row[i_t], scale) if i_t is not None and row[i_t].strip() else None
+            kind.check(ts)
         except RowError as exc:
             yield Malformed(line, str(exc))
             continue
