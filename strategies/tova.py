@@ -19,8 +19,9 @@ class TOVA(Selector):
     is the prompt's last query, then each decode step's. Unlike H2O nothing accumulates: a token that stops
     being attended is dropped. Paper: Oren et al., "Transformers are Multi-State RNNs", EMNLP 2024.
     Deviations: the paper evicts one token per step from the first token on (prefill included); kvtune selects
-    once at the end of prefill and then whenever the cache is over budget. When decoding feeds several
-    tokens at once (teacher-forced chunks), the chunk's attention is summed and eviction happens once per chunk.
+    once at the end of prefill and then whenever the cache is over budget. When a forward feeds several
+    tokens at once (a chunk), the chunk's attention is summed and eviction happens once per chunk; kvtune's
+    quality evaluation feeds decode-time selectors one token per forward, as generation does.
     Parameters: ``budget`` (paper: a fixed token count; a ratio also works); ``sinks``/``recent`` >= 0
     (paper: 0; defaults keep 4 sinks and no window).
     """

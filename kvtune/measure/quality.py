@@ -6,7 +6,8 @@ The evaluation set (built once per study, "prefill once, compress many"):
   of ``context_tokens`` followed by ``continuation_tokens``. The context is prefilled once with the full cache
   (:func:`kvtune.runtime.prefill_record`); the full-cache log-probabilities of the continuation are computed once.
   A trial builds the compressed cache from the record and feeds the continuation (teacher forced) in chunks
-  of ``chunk`` tokens, so decode-time selectors act between chunks. Metrics: KL(full || candidate) per
+  of ``chunk`` tokens — one token per forward for decode-time selectors (H2O, TOVA), which evict after every
+  token as in generation. Metrics: KL(full || candidate) per
   position, top-1 agreement, perplexity of the true continuation.
 * **passkey** — a five-digit pass key hidden in filler text, the question stated before the context and again
   at the end (the layout the default model can answer). The answer is teacher forced: an item counts as
@@ -359,8 +360,11 @@ def evaluate_quality(model: Any, evalset: EvalSet, pipeline: Pipeline | Stages, 
     nll_cand = 0.0
     nll_full = 0.0
     n = 0
+    # decode-time selectors (H2O, TOVA) evict after every generated token: feed one token per forward, as
+    # generation does, rather than evicting once per teacher-forced chunk
+    chunk = 1 if stages.selector is not None and stages.selector.decode_time else config.chunk
     for batch in evalset.text_batches:
-        cand = batch_logprobs(model, batch.record, batch.continuation, stages, config.chunk, seed)  # (B, C, V)
+        cand = batch_logprobs(model, batch.record, batch.continuation, stages, chunk, seed)  # (B, C, V)
         ref = batch.ref_logprobs
         kls.append((ref.exp() * (ref - cand)).sum(-1).clamp_min(0.0).flatten())  # (B*C,) float32
         agree += int((ref.argmax(-1) == cand.argmax(-1)).sum())
@@ -371,7 +375,7 @@ def evaluate_quality(model: Any, evalset: EvalSet, pipeline: Pipeline | Stages, 
     kl_all = torch.cat(kls) if kls else torch.zeros(1)
     by_kind: dict[str, list[tuple[bool, bool]]] = {}
     for batch in evalset.probe_batches:  # items the full cache answers
-        oks = batch_probe_correct(model, batch.record, batch.answers, stages, config.chunk, seed)
+        oks = batch_probe_correct(model, batch.record, batch.answers, stages, chunk, seed)
         for kind, ok in zip(batch.kinds, oks):
             by_kind.setdefault(kind, []).append((True, ok))
     for probe in evalset.probes:  # an item the full cache fails cannot count: a miss, not run

@@ -219,3 +219,20 @@ def test_probe_turns_follow_the_workload():
     n, why = probe_turns(NS(turns_per_session=None, prefix_reuse_ratio=0.5), 4, 3)
     assert n == 2 and "prefix reuse" in why
     assert probe_turns(NS(turns_per_session=None, prefix_reuse_ratio=0.7), 4, 3)[0] == 3
+
+
+def test_decode_time_selectors_are_evaluated_one_token_per_forward(smol):
+    """H2O/TOVA evict after every token in generation; the evaluation feeds them token by token too."""
+    from kvtune.measure.quality import batch_logprobs
+
+    cfg = EvalConfig(text_prompts=1, context_tokens=200, continuation_tokens=12, chunk=6, passkey_items=0,
+                     kv_items=0, multiturn_items=0)
+    evalset = build_eval_set(smol.model, smol.tokenizer, cfg, attention_sums=True)
+    stages = _stages("tova", {"budget": 0.3})
+    got = evaluate_quality(smol.model, evalset, stages, cfg)
+    batch = evalset.text_batches[0]
+    ref = batch.ref_logprobs
+    for chunk, same in ((1, True), (cfg.chunk, False)):
+        cand = batch_logprobs(smol.model, batch.record, batch.continuation, stages, chunk)
+        kl = float((ref.exp() * (ref - cand)).sum(-1).clamp_min(0.0).mean())
+        assert (abs(kl - got.kl_mean) < 1e-5) == same
