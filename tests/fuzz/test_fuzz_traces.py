@@ -10,7 +10,9 @@ one ``kvtune: error:`` line and no output file.
 
 from __future__ import annotations
 
+import io
 import itertools
+import json
 import sys
 from pathlib import Path
 
@@ -24,7 +26,14 @@ from tracegen import TraceCase, any_trace, bad_row_traces, mutated_traces, neare
 
 from kvtune.cli import app  # noqa: E402
 from kvtune.errors import UserError  # noqa: E402
+from kvtune.profile.readers.base import Malformed, json_array  # noqa: E402
 from kvtune.profile.workload import iter_requests, read_trace  # noqa: E402
+
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
+              st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=12)),
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4)),
+    max_leaves=10)
 
 FUZZ = settings(derandomize=True, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 _names = itertools.count()
@@ -121,3 +130,13 @@ def test_cli_exit_0_or_one_line_exit_2(folder, case, strict: bool):
     else:
         assert out.exists()
         assert not (strict and case.kind == "bad_rows")  # --strict fails on the first known-bad row
+
+
+@settings(FUZZ, max_examples=150)
+@given(values=st.lists(json_values, max_size=12), chunk=st.integers(1, 64), indent=st.sampled_from([None, 0, 2]))
+def test_json_array_streaming_equals_json_loads_at_any_chunk_size(values, chunk, indent):
+    # the streamed array decoder refills its buffer at chunk boundaries: an element cut anywhere must still decode
+    text = json.dumps(values, indent=indent)
+    got = [item for item in json_array(io.StringIO(text), "t.json", chunk=chunk)]
+    assert not any(isinstance(item, Malformed) for item in got), got
+    assert [obj for _, obj in got] == json.loads(text)

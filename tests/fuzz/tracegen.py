@@ -57,8 +57,27 @@ def _burstgpt_lines(rows: list[tuple[int, int]], step_ms: int) -> list[str]:
         f"{i * step_ms / 1000},ChatGPT,{a},{b},{a + b},Conversation log,s{i % 4}" for i, (a, b) in enumerate(rows)]
 
 
+def _openai_lines(rows: list[tuple[int, int]], step_ms: int) -> list[str]:
+    out = []
+    for i, (a, b) in enumerate(rows):
+        usage, created = {"prompt_tokens": a, "completion_tokens": b}, 1_700_000_000 + i * step_ms // 1000
+        shape = i % 3  # the three places the usage block is found: top level, response, response.body (Batch API)
+        out.append(json.dumps({"created": created, "usage": usage} if shape == 0 else
+                              {"response": {"created": created, "usage": usage}} if shape == 1 else
+                              {"id": f"b{i}", "response": {"body": {"created": created, "usage": usage}}}))
+    return out
+
+
+def _sharegpt_array(rows: list[tuple[int, int]], step_ms: int) -> list[str]:
+    """A JSON array of one-turn conversations whose texts are 4 UTF-8 bytes per estimated token (no tokenizer)."""
+    convs = [{"id": f"c{i}", "conversations": [{"from": "human", "value": "abcd" * a}, {"from": "gpt", "value": "wxyz" * b}]}
+             for i, (a, b) in enumerate(rows)]
+    return [json.dumps(convs, indent=None if step_ms % 2 else 1)]
+
+
 FORMATS = {"mooncake": (_mooncake_lines, ".jsonl"), "azure": (_azure_lines, ".csv"),
-           "burstgpt": (_burstgpt_lines, ".csv")}
+           "burstgpt": (_burstgpt_lines, ".csv"), "openai": (_openai_lines, ".jsonl"),
+           "sharegpt": (_sharegpt_array, ".json")}
 ENCODINGS = ["utf-8", "utf-8-sig", "utf-16", "utf-16-le-bom", "utf-16-be-bom", "utf-16-le"]
 
 
@@ -75,6 +94,8 @@ def valid_traces(draw: Any) -> TraceCase:
     fmt = draw(st.sampled_from(sorted(FORMATS)))
     make, suffix = FORMATS[fmt]
     rows = draw(row_lengths)
+    if fmt == "sharegpt":
+        rows = [(a % 3000, b % 3000) for a, b in rows]  # text: 4 bytes per token, keep the file small
     lines = make(rows, draw(st.sampled_from([1, 7, 1000])))
     newline = draw(st.sampled_from(["\n", "\r\n"]))
     text = newline.join(lines) + draw(st.sampled_from(["", newline, newline * 3]))

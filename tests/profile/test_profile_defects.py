@@ -321,3 +321,17 @@ def test_user_error_from_the_library_is_one_line(tmp_path):
     with pytest.raises(UserError) as exc:
         read_trace(p, strict=True)
     assert "\n" not in str(exc.value) and "\r" not in str(exc.value)
+
+
+def test_json_array_number_cut_at_a_chunk_boundary_is_read_whole():
+    # found by the fuzz tests: "12" of a "123" split across two reads decoded as 12
+    import io
+
+    from kvtune.profile.readers.base import Malformed, json_array
+
+    text = '[123, 0.5e3 , {"a": [1, 2]}, -7]'
+    for chunk in (1, 2, 3, 5, 64):
+        got = list(json_array(io.StringIO(text), "t.json", chunk=chunk))
+        assert [obj for _, obj in got] == [123, 500.0, {"a": [1, 2]}, -7], (chunk, got)
+    bad = list(json_array(io.StringIO("[1 2]"), "t.json", chunk=1))
+    assert isinstance(bad[-1], Malformed) and "'2' after a value" in bad[-1].reason

@@ -438,6 +438,22 @@ def json_array(fh: io.TextIOBase, where: str, chunk: int = 1 << 20) -> Iterator[
                       else f"invalid JSON (an integer of more than {sys.get_int_max_str_digits()} digits)")
             yield Malformed(index, f"element {index}: {reason}; the rest of the array is unreadable")
             return
+        after = end  # a value is complete only when a ',' or ']' follows: "12" or "0." of a cut "123" decodes too
+        while after < len(buf) and buf[after] in " \t\r\n":
+            after += 1
+        cut = after == len(buf) or (after == end and buf[after] not in ",]")  # may continue past the buffer
+        if cut and not eof and len(buf) - pos <= MAX_LINE_CHARS:
+            more = fh.read(max(chunk, len(buf) - pos))
+            if more:
+                buf, pos = buf[pos:] + more, 0
+            else:
+                eof = True
+            continue
+        if after < len(buf) and buf[after] not in ",]":
+            index += 1
+            yield Malformed(index, f"element {index}: invalid JSON ({quote(buf[after])} after a value); the rest of "
+                                   "the array is unreadable")
+            return
         index += 1
         try:
             _check_depth(obj, buf[pos:end])
