@@ -135,7 +135,8 @@ class ServingResult(_Strict):
 
     target: str = Field(description="hardware the figures are for")
     tpot_target_ms: float | None = Field(None, gt=0, description="the scenario's time-per-output-token target")
-    batch: int = Field(ge=0, description="concurrent sequences at the target (0: the target is missed at batch 1)")
+    batch: int = Field(ge=0, description="concurrent sequences the deployment runs: of the sizes meeting the target, "
+                                         "the one with the most tokens/s (0: the target is missed at batch 1)")
     max_batch: int = Field(ge=0, description="sequences of the decode context that fit the memory tiers")
     batch_bound: str = Field(description="what bounds max_batch")
     tpot_ms: float = Field(ge=0, description="decode step time at `batch` (at batch 1 when batch is 0)")

@@ -36,6 +36,7 @@ and a figure computed from others takes the weakest label of its inputs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -257,24 +258,14 @@ class ServingModel:
                 hi = mid - 1
         return lo
 
-    # -- the figures ---------------------------------------------------------------------------------------
-    def evaluate(self, cand: Candidate) -> ServingResult:
-        d = self.device
-        limit, bound = self.max_batch(cand)
-        batch = self.batch_at_target(cand, limit)
-        notes: list[str] = []
-        if limit < 1:
-            notes.append(f"not one sequence of {self.mix.decode_context:,.0f} tokens fits ({bound})")
-        elif batch == 0:
-            notes.append(f"misses the {self.tpot_ms:g} ms TPOT target even at batch 1 "
-                         f"({self.step(1, cand).total_ms:.2f} ms)")
-        run = max(batch, 1)
+    def _at_batch(self, run: int, cand: Candidate) -> dict[str, Any]:
+        """Step, prefix-cache hits, tokens/s and TTFT with ``run`` sequences decoding."""
         step = self.step(run, cand)
-        # prefix cache: what is left of each tier once the running batch holds its KV
         hit_dev = hit_low = 0.0
         hit_basis = "prefix caching off"
         lower = self.tiers.lower(cand.placement)
         if self.prefix_caching and self.replay is not None:
+            # the prefix cache gets what the running batch leaves of each tier
             per_seq = self.mix.decode_context * cand.bytes_per_token
             dev_free = max(0.0, (self.tiers.device.capacity.value if self.tiers.device.capacity else 0)
                            - run * per_seq * cand.gpu_fraction)
@@ -287,14 +278,40 @@ class ServingModel:
         elif self.prefix_caching:
             hit_basis = "no trace with prefix-block ids: prefix reuse not modelled (0%)"
         miss = 1.0 - hit_dev - hit_low
+        rate = lower.read_gbps if (lower is not None and lower.read_gbps is not None) else None
+
+        def load_ms(tokens: float) -> float:  # prompt tokens found in the lower tier, copied up
+            return tokens * hit_low * cand.bytes_per_token / (rate.value * 1e9) * 1e3 if rate else 0.0
+
         in_mean, in_p50 = self.mix.input_mean, self.mix.input_p50
-        load_rate = lower.read_gbps if (lower is not None and lower.read_gbps is not None) else None
-        load_ms = (in_mean * hit_low * cand.bytes_per_token / (load_rate.value * 1e9) * 1e3) if load_rate else 0.0
-        prefill_mean = self.prefill_ms(in_mean * miss, cand)
-        per_req_ms = prefill_mean + load_ms + self.mix.output_mean * step.total_ms / run
-        tokens_s = (self.mix.output_mean / per_req_ms * 1e3) if batch > 0 else 0.0
-        ttft = self.prefill_ms(in_p50 * miss, cand) + (
-            in_p50 * hit_low * cand.bytes_per_token / (load_rate.value * 1e9) * 1e3 if load_rate else 0.0)
+        per_req_ms = self.prefill_ms(in_mean * miss, cand) + load_ms(in_mean) + self.mix.output_mean * step.total_ms / run
+        return {"run": run, "step": step, "hit_dev": hit_dev, "hit_low": hit_low, "hit_basis": hit_basis, "miss": miss,
+                "tokens_s": self.mix.output_mean / per_req_ms * 1e3,
+                "ttft": self.prefill_ms(in_p50 * miss, cand) + load_ms(in_p50)}
+
+    # -- the figures ---------------------------------------------------------------------------------------
+    def evaluate(self, cand: Candidate) -> ServingResult:
+        d = self.device
+        limit, bound = self.max_batch(cand)
+        batch = self.batch_at_target(cand, limit)
+        notes: list[str] = []
+        if limit < 1:
+            notes.append(f"not one sequence of {self.mix.decode_context:,.0f} tokens fits ({bound})")
+        elif batch == 0:
+            notes.append(f"misses the {self.tpot_ms:g} ms TPOT target even at batch 1 "
+                         f"({self.step(1, cand).total_ms:.2f} ms)")
+        # the batch: the one of a few sizes up to the target's that gives the most tokens/s — fewer running
+        # sequences leave more of the pool to the prefix cache, which can save more prefill than they cost
+        sizes = sorted({max(1, batch), *(max(1, math.ceil(batch * f)) for f in (0.25, 0.5, 0.75, 0.9))})
+        figs = max((self._at_batch(n, cand) for n in sizes), key=lambda f: (f["tokens_s"], f["run"]))
+        run, step = figs["run"], figs["step"]
+        hit_dev, hit_low, hit_basis, miss = figs["hit_dev"], figs["hit_low"], figs["hit_basis"], figs["miss"]
+        lower = self.tiers.lower(cand.placement)
+        tokens_s = figs["tokens_s"] if batch > 0 else 0.0
+        ttft = figs["ttft"]
+        if batch > 0 and run < batch:
+            notes.append(f"batch {run} of the {batch} that meet the target: the pool left to the prefix cache "
+                         "saves more prefill than the extra sequences would decode")
 
         base = [d.mem_gbps.source, d.weights_eff.source, d.overhead_ms.source, self.kv_eff(cand).source]
         step_src = weakest(*base, d.peak_flops.source, d.decode_mfu.source)
@@ -310,13 +327,15 @@ class ServingModel:
                        f"overhead {d.overhead_ms.value:g} ms {d.overhead_ms.source})",
             "ttft_ms": f"{prefill_src}: prefill FLOPs over peak x MFU {d.prefill_mfu.value:g} ({d.prefill_mfu.source})",
             "tokens_per_s": f"{weakest(step_src, prefill_src)}: batch x step and prefill of missed prompt tokens",
-            "hit_rates": f"{'calibrated' if self.replay is not None else 'assumed'}: {hit_basis}",
+            "hit_rates": (f"measured: {hit_basis} (an LRU prefix cache, as vLLM's, over the trace's own requests)"
+                          if self.replay is not None else f"assumed: {hit_basis}"),
             "decode_context": f"{'measured' if self.mix.exact else 'assumed'}: {self.mix.basis}",
         }
         return ServingResult(
-            target=d.name, tpot_target_ms=self.tpot_ms, batch=batch, max_batch=max(0, limit), batch_bound=bound,
+            target=d.name, tpot_target_ms=self.tpot_ms, batch=run if batch > 0 else 0, max_batch=max(0, limit),
+            batch_bound=bound,
             tpot_ms=round(step.total_ms, 4), tokens_per_s=round(tokens_s, 3),
-            decode_tokens_per_s=round(batch * 1e3 / step.total_ms, 3) if batch else 0.0,
+            decode_tokens_per_s=round(run * 1e3 / step.total_ms, 3) if batch else 0.0,
             ttft_ms=round(ttft, 3), decode_context=round(self.mix.decode_context, 1),
             weights_ms=round(step.weights_ms, 4), kv_ms=round(step.kv_ms, 4), compute_ms=round(step.compute_ms, 4),
             copy_ms=round(step.copy_ms, 4), exposed_copy_ms=round(step.exposed_ms, 4),

@@ -277,3 +277,21 @@ def test_tokens_per_s_counts_prefill_of_missed_prompt_tokens():
     per_req = m.prefill_ms(1000.0, full) + 100.0 * step / res.batch
     assert res.tokens_per_s == pytest.approx(100.0 / per_req * 1e3, rel=1e-3)
     assert math.isclose(res.prompt_recomputed, 1.0)
+
+
+def test_batch_leaves_room_for_the_prefix_cache_when_that_pays():
+    """Multi-turn traffic with long shared prefixes: running fewer sequences keeps the conversations' earlier
+    turns cached, which saves more prefill than the extra sequences would decode."""
+    hw = _h100(gpu_memory_total_bytes=int(24 * GiB / 0.9))  # a 24 GiB pool before weights
+    tiers = Tiers.from_hardware(hw, 2 * GiB)
+    convs = [[_req([c * 1000 + j for j in range(t + 1)], bt=512) for t in range(8)] for c in range(30)]
+    trace = [r for turn in range(8) for c in range(30) for r in [convs[c][turn]]]
+    replay = Replay(trace, "synthetic")
+    mix = WorkloadMix.from_requests(replay.mix(), "synthetic")
+    m = _model(tiers, tpot=1000.0, mix=mix, replay=replay)
+    full = _cand(Pipeline(), 100_000.0)
+    limit, _ = m.max_batch(full)
+    res = m.evaluate(full)
+    at_max = m._at_batch(limit, full)
+    assert res.batch < limit and res.tokens_per_s > at_max["tokens_s"]
+    assert res.hit_rate_device > at_max["hit_dev"]
