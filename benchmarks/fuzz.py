@@ -255,8 +255,10 @@ def run_traces(tally: Tally, folder: Path, n: int, timeout: float) -> None:
         _cli_case("traces", tally, folder, ["profile", "--trace", str(trace), "--hardware", "h100-sxm",
                                             "--format", "json", "-o", "fuzz-profile.yaml", "--force"], timeout)
 
-    _drive(st.tuples(header, st.lists(st.lists(cell, min_size=1, max_size=4), max_size=8),
-                     st.sampled_from([".csv", ".jsonl", ".txt"])), n, body)
+    plausible = st.lists(st.tuples(st.integers(0, 10**9), st.integers(1, 200_000), st.integers(1, 8192)).map(
+        lambda r: [str(v) for v in r]), min_size=1, max_size=8)  # timestamp, input, output: mostly readable
+    junk = st.lists(st.lists(cell, min_size=1, max_size=4), max_size=8)
+    _drive(st.tuples(header, plausible | junk, st.sampled_from([".csv", ".jsonl", ".txt"])), n, body)
 
 
 def run_cli(tally: Tally, folder: Path, n: int, timeout: float) -> None:
