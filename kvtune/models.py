@@ -164,8 +164,8 @@ def load_model(model: str | None = None, *, trust_remote_code: bool = False, dty
     converted = _converted_path(Path(source)) if "gguf_file" in kwargs else None
     if converted is not None and (converted / "config.json").is_file():
         kwargs = {"pretrained_model_name_or_path": str(converted)}
-    # a GGUF file is read in float32 (the converted copy is kept in float32 for every device); others load
-    # straight in the dtype they run in
+    # a GGUF file is dequantized to float32 (its converted copy stays float32, whatever device reads it later);
+    # the converted copy and other models load straight in the dtype they run in
     load_dtype = torch.float32 if "gguf_file" in kwargs else getattr(torch, run_dtype)
     quiet = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"  # transformers' GGUF reader draws its own progress bar
