@@ -44,14 +44,14 @@ def naive_trial(model, evalset: EvalSet, pipeline: Pipeline, cfg: EvalConfig) ->
     layers = model.config.num_hidden_layers
     for batch in evalset.text_batches:
         cache = KVCache(stages, layers)
-        model(input_ids=batch.record.input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=batch.record.input_ids, cache=cache, use_cache=True, logits_to_keep=1)
         feed = batch.continuation[:, :-1]
         for start in range(0, feed.shape[1], cfg.chunk):
-            model(input_ids=feed[:, start : start + cfg.chunk], past_key_values=cache, use_cache=True)
+            model(input_ids=feed[:, start : start + cfg.chunk], cache=cache, use_cache=True)
     for batch in evalset.probe_batches:  # the items the full cache answers, as in the reused trial
         cache = KVCache(stages, layers)
-        model(input_ids=batch.record.input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        model(input_ids=batch.answers[:, :-1], past_key_values=cache, use_cache=True)
+        model(input_ids=batch.record.input_ids, cache=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=batch.answers[:, :-1], cache=cache, use_cache=True)
     return time.perf_counter() - started
 
 

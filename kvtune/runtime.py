@@ -422,7 +422,7 @@ def prefill_record(model: Any, input_ids: torch.Tensor, *, attention_sums: bool 
     identity = Stages(selector=None, codec=build("codec", "fp16", {}), placement=build("placement", "gpu", {}))  # type: ignore[arg-type]
     cache = KVCache(identity, model.config.num_hidden_layers, record=True, record_sums=attention_sums)
     input_ids = input_ids.to(model.device)
-    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
     layers = []
     for layer in cache.layers:
         if layer.recorded is None:

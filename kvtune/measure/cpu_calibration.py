@@ -127,7 +127,7 @@ def decode_step_ms(model: Any, spec: ModelSpec, batch: int, tokens: int, codec: 
 
     def step() -> None:
         with torch.inference_mode():
-            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
 
     return _median_ms(step, repeats=repeats, warmup=2)
 

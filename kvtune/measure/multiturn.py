@@ -193,13 +193,13 @@ def run_conversation(model: Any, record: PrefillRecord, prompts: list[torch.Tens
         prompt, answer = prompt.to(dev), answer.to(dev)
         head = prompt[:, :-1] if carry is None else torch.cat([carry, prompt[:, :-1]], dim=1)
         cache.begin_turn()
-        model(input_ids=head, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=head, cache=cache, use_cache=True, logits_to_keep=1)
         feed = torch.cat([prompt[:, -1:], answer[:, :-1]], dim=1)  # (B, A): position i predicts answer[:, i]
         if per_token:
-            logits = torch.cat([model(input_ids=feed[:, i : i + 1], past_key_values=cache, use_cache=True).logits
+            logits = torch.cat([model(input_ids=feed[:, i : i + 1], cache=cache, use_cache=True).logits
                                 for i in range(feed.shape[1])], dim=1)
         else:
-            logits = model(input_ids=feed, past_key_values=cache, use_cache=True).logits
+            logits = model(input_ids=feed, cache=cache, use_cache=True).logits
         lp = logits.float().log_softmax(-1)  # (B, A, V)
         logprobs.append(lp)
         correct.append((lp.argmax(-1) == answer).all(dim=1))

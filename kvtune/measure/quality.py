@@ -331,7 +331,7 @@ def batch_logprobs(model: Any, record: PrefillRecord, continuation: torch.Tensor
     rows = [record.last_logits.to(dev).float().log_softmax(-1).unsqueeze(1)]  # (B, 1, V) float32
     feed = continuation[:, :-1].to(dev)  # the last continuation token predicts nothing we score
     for start in range(0, feed.shape[1], chunk):
-        logits = model(input_ids=feed[:, start : start + chunk], past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=feed[:, start : start + chunk], cache=cache, use_cache=True).logits
         rows.append(logits.float().log_softmax(-1))
     return torch.cat(rows, dim=1)
 
@@ -345,7 +345,7 @@ def batch_probe_correct(model: Any, record: PrefillRecord, answers: torch.Tensor
     if answers.shape[1] > 1 and bool(ok.any()):
         cache = KVCache.from_record(record, stages, seed=seed, device=dev)
         feed = answers[:, :-1]
-        preds = [model(input_ids=feed[:, a : a + chunk], past_key_values=cache, use_cache=True).logits.argmax(-1)
+        preds = [model(input_ids=feed[:, a : a + chunk], cache=cache, use_cache=True).logits.argmax(-1)
                  for a in range(0, feed.shape[1], chunk)]
         ok &= (torch.cat(preds, dim=1) == answers[:, 1:]).all(dim=1)
     return [bool(x) for x in ok]

@@ -66,7 +66,7 @@ def test_cache_persists_across_turns_like_one_forward(smol, doc_ids):
         spans.append(at - 1)  # the prompt's last position predicts the first answer token
         at += a.shape[1]
     full = torch.cat(pieces).view(1, -1)
-    ref = smol.model(input_ids=full, past_key_values=KVCache(full_stages(), smol.model.config.num_hidden_layers),
+    ref = smol.model(input_ids=full, cache=KVCache(full_stages(), smol.model.config.num_hidden_layers),
                      use_cache=True).logits.float().log_softmax(-1)
     for start, a, lp in zip(spans, answers, lps):
         assert (ref[:, start : start + a.shape[1]] - lp).abs().max().item() < 2e-4
@@ -83,18 +83,18 @@ def test_prefill_once_equals_prefilling_the_context_live(smol, doc_ids, sel, par
     stages = _stages(sel, params, codec, {"bits": 4} if codec == "kivi" else None)
     _ok, from_record, _ = run_conversation(smol.model, record, prompts, answers, stages)
     live = KVCache(stages, smol.model.config.num_hidden_layers)
-    smol.model(input_ids=conv.context.view(1, -1), past_key_values=live, use_cache=True, logits_to_keep=1)
+    smol.model(input_ids=conv.context.view(1, -1), cache=live, use_cache=True, logits_to_keep=1)
     carry, got = None, []
     for p, a in zip(prompts, answers):
         head = p[:, :-1] if carry is None else torch.cat([carry, p[:, :-1]], dim=1)
         live.begin_turn()
-        smol.model(input_ids=head, past_key_values=live, use_cache=True)
+        smol.model(input_ids=head, cache=live, use_cache=True)
         feed = torch.cat([p[:, -1:], a[:, :-1]], dim=1)
         if stages.selector is not None and stages.selector.decode_time:
-            logits = torch.cat([smol.model(input_ids=feed[:, i : i + 1], past_key_values=live, use_cache=True).logits
+            logits = torch.cat([smol.model(input_ids=feed[:, i : i + 1], cache=live, use_cache=True).logits
                                 for i in range(feed.shape[1])], dim=1)
         else:
-            logits = smol.model(input_ids=feed, past_key_values=live, use_cache=True).logits
+            logits = smol.model(input_ids=feed, cache=live, use_cache=True).logits
         got.append(logits.float().log_softmax(-1))
         carry = a[:, -1:]
     for x, y in zip(from_record, got):

@@ -31,7 +31,7 @@ def _plain_logits(smol, ids, chunks=None):
         if chunks is None:
             return model(input_ids=ids).logits
         cache = DynamicCache(config=model.config)
-        return torch.cat([model(input_ids=ids[:, a:b], past_key_values=cache, use_cache=True).logits
+        return torch.cat([model(input_ids=ids[:, a:b], cache=cache, use_cache=True).logits
                           for a, b in chunks], dim=1)
     finally:
         model.set_attn_implementation("kvtune")
@@ -41,7 +41,7 @@ def test_identity_pipeline_reproduces_full_cache_logits(smol, text_ids):
     """The empty pipeline == the stock full cache, chunk for chunk (float32, max abs diff <= 1e-5)."""
     ref = _plain_logits(smol, text_ids, CHUNKS)
     cache = KVCache(Pipeline(), smol.spec.layers)
-    got = torch.cat([smol.model(input_ids=text_ids[:, a:b], past_key_values=cache, use_cache=True).logits
+    got = torch.cat([smol.model(input_ids=text_ids[:, a:b], cache=cache, use_cache=True).logits
                      for a, b in CHUNKS], dim=1)
     assert (got - ref).abs().max().item() <= 1e-5
     assert cache.get_seq_length() == 262
@@ -58,7 +58,7 @@ def test_identity_from_record_equals_plain(smol, text_ids):
     smol.model.set_attn_implementation("kvtune")
     assert (record.last_logits - last).abs().max().item() <= 1e-5
     cache = KVCache.from_record(record, Pipeline())
-    got = smol.model(input_ids=text_ids[:, 250:], past_key_values=cache, use_cache=True).logits
+    got = smol.model(input_ids=text_ids[:, 250:], cache=cache, use_cache=True).logits
     assert (got - ref[:, 250:]).abs().max().item() <= 1e-5
 
 
@@ -73,11 +73,11 @@ def test_prefill_once_equals_running_the_pipeline_live(smol, text_ids, pipeline)
     pipeline's cache in place (the record-and-reuse shortcut is exact)."""
     prompt, cont = text_ids[:, :240], text_ids[:, 240:260]
     live = KVCache(pipeline, smol.spec.layers)
-    smol.model(input_ids=prompt, past_key_values=live, use_cache=True)
-    live_logits = smol.model(input_ids=cont, past_key_values=live, use_cache=True).logits
+    smol.model(input_ids=prompt, cache=live, use_cache=True)
+    live_logits = smol.model(input_ids=cont, cache=live, use_cache=True).logits
     record = prefill_record(smol.model, prompt, attention_sums=True)
     reused = KVCache.from_record(record, pipeline)
-    reuse_logits = smol.model(input_ids=cont, past_key_values=reused, use_cache=True).logits
+    reuse_logits = smol.model(input_ids=cont, cache=reused, use_cache=True).logits
     assert reused.stored_tokens() == live.stored_tokens()
     assert reused.nbytes() == live.nbytes()
     assert (live_logits - reuse_logits).abs().max().item() <= 1e-4
@@ -92,7 +92,7 @@ def test_eviction_really_shrinks_the_cache_and_positions_continue(smol, text_ids
     full = KVCache.from_record(record, Pipeline())
     assert cache.nbytes() * 200 == full.nbytes() * kept
     assert cache.get_seq_length() == 200  # positions count tokens seen, not kept
-    smol.model(input_ids=text_ids[:, 200:205], past_key_values=cache, use_cache=True)
+    smol.model(input_ids=text_ids[:, 200:205], cache=cache, use_cache=True)
     assert cache.get_seq_length() == 205
     assert cache.stored_tokens()[0] == kept + 5
 
@@ -103,7 +103,7 @@ def test_h2o_evicts_during_decode_to_stay_within_budget(smol, text_ids):
     cache = KVCache.from_record(record, pipeline)
     for step in range(12):
         tok = text_ids[:, 150 + step : 151 + step]
-        smol.model(input_ids=tok, past_key_values=cache, use_cache=True)
+        smol.model(input_ids=tok, cache=cache, use_cache=True)
         seen = 151 + step
         assert cache.stored_tokens() == [budget_tokens(0.3, seen)] * smol.spec.layers
     assert all(layer.scores.shape[-1] == len(layer.store) for layer in cache.layers)
@@ -116,12 +116,12 @@ def test_batch_of_two_unpadded_matches_single(smol, text_ids, codec, tol):
     ids = torch.cat([text_ids[:, :120], text_ids[:, 120:240]], dim=0)  # (2, 120)
     pipeline = Pipeline(selection=Stage(method="snapkv", params={"budget": 0.5}), codec=Stage(method=codec))
     batch = KVCache(pipeline, smol.spec.layers)
-    both = smol.model(input_ids=ids, past_key_values=batch, use_cache=True).logits
-    nxt = smol.model(input_ids=ids[:, -1:], past_key_values=batch, use_cache=True).logits
+    both = smol.model(input_ids=ids, cache=batch, use_cache=True).logits
+    nxt = smol.model(input_ids=ids[:, -1:], cache=batch, use_cache=True).logits
     for row in range(2):
         single = KVCache(pipeline, smol.spec.layers)
-        one = smol.model(input_ids=ids[row : row + 1], past_key_values=single, use_cache=True).logits
-        one_next = smol.model(input_ids=ids[row : row + 1, -1:], past_key_values=single, use_cache=True).logits
+        one = smol.model(input_ids=ids[row : row + 1], cache=single, use_cache=True).logits
+        one_next = smol.model(input_ids=ids[row : row + 1, -1:], cache=single, use_cache=True).logits
         assert (one - both[row : row + 1]).abs().max().item() <= 1e-4  # prefill attends the fresh K/V
         assert (one_next - nxt[row : row + 1]).abs().max().item() <= tol
         assert single.stored_tokens() == batch.stored_tokens()
@@ -131,6 +131,6 @@ def test_batch_of_two_unpadded_matches_single(smol, text_ids, codec, tol):
 def test_generate_works_with_the_cache(smol):
     ids = smol.tokenizer("The capital of France is", return_tensors="pt").input_ids
     cache = KVCache(Stages.of(Pipeline(codec=Stage(method="kivi", params={"bits": 4}))), smol.spec.layers)
-    out = smol.model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
+    out = smol.model.generate(ids, cache=cache, max_new_tokens=4, do_sample=False)
     plain = smol.model.generate(ids, max_new_tokens=4, do_sample=False)
     assert out.shape == plain.shape == (1, ids.shape[1] + 4)

@@ -172,6 +172,6 @@ def test_hf_snippet_runs_with_kvtune_runtime(case: str) -> None:
     except UserError as exc:
         pytest.skip(f"kvtune's runtime cannot build this pipeline yet: {exc}")
     ids = torch.randint(0, 128, (1, 40))
-    out = model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=3, do_sample=False)
+    out = model.generate(input_ids=ids, cache=cache, max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 43)
     assert cache.get_seq_length() == 42

@@ -124,10 +124,10 @@ def _run(model, ids, pipeline, seed=0, prompt=PROMPT, chunks=(3, 1, 3)):
     """Prefill ``prompt`` tokens, then decode the rest in ``chunks``; returns (logits (B, T, V), cache)."""
     stages = pipeline if isinstance(pipeline, Stages) else Stages.of(pipeline)
     cache = KVCache(stages, model.config.num_hidden_layers, seed=seed)
-    outs = [model(input_ids=ids[:, :prompt], past_key_values=cache, use_cache=True).logits]
+    outs = [model(input_ids=ids[:, :prompt], cache=cache, use_cache=True).logits]
     at = prompt
     for n in chunks:
-        outs.append(model(input_ids=ids[:, at : at + n], past_key_values=cache, use_cache=True).logits)
+        outs.append(model(input_ids=ids[:, at : at + n], cache=cache, use_cache=True).logits)
         at += n
     return torch.cat(outs, dim=1), cache
 

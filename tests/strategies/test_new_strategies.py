@@ -171,7 +171,7 @@ def test_real_model_ragged_and_decode_time_selectors(smol):
 
     def logits(sel, extra):
         cache = KVCache.from_record(record, Stages.of(_pipeline(sel=(sel, {**params, **extra}))))
-        out = smol.model(input_ids=ids[:, 150:], past_key_values=cache, use_cache=True).logits
+        out = smol.model(input_ids=ids[:, 150:], cache=cache, use_cache=True).logits
         return out, cache
 
     snap, _ = logits("snapkv", {})
@@ -179,6 +179,6 @@ def test_real_model_ragged_and_decode_time_selectors(smol):
     assert (snap - ada).abs().max().item() <= 1e-4
     for sel, p in (("tova", {"budget": 0.4}), ("pyramidkv", params)):
         cache = KVCache.from_record(record, Stages.of(_pipeline(sel=(sel, p))))
-        out = smol.model(input_ids=ids[:, 150:], past_key_values=cache, use_cache=True).logits
+        out = smol.model(input_ids=ids[:, 150:], cache=cache, use_cache=True).logits
         assert torch.isfinite(out).all()
         assert sum(cache.stored_tokens()) <= 30 * (60 + 10)
