@@ -29,6 +29,7 @@ from typing import Any, Callable
 from kvtune.measure.figure import Figure
 from kvtune.measure.serving import Device
 from kvtune.modelspec import ModelSpec
+from kvtune.profile.bandwidth import measure_matmul_gflops
 from kvtune.pipeline import Pipeline, Stage
 from kvtune.strategies import codec_bytes_per_token
 
@@ -91,14 +92,6 @@ def measure_copy_gbps(nbytes: int = 256 * 2**20) -> float:
     dst = torch.empty_like(src)
     ms = _median_ms(lambda: dst.copy_(src), repeats=5)
     return 2 * nbytes / (ms / 1e3) / 1e9
-
-
-def measure_matmul_gflops(n: int = 1024) -> float:
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    ms = _median_ms(lambda: a @ b, repeats=5)
-    return 2 * n**3 / (ms / 1e3) / 1e9
 
 
 def synthetic_cache(spec: ModelSpec, batch: int, tokens: int, codec: tuple[str, dict[str, Any]], seed: int = 0):
@@ -171,7 +164,7 @@ def calibrate(model: Any, spec: ModelSpec, *, source: str, params: int, weights_
     if fit is None:
         machine = f"this machine ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
         say("calibrating the CPU step model: memory and matmul rates")
-        copy_gbps, gflops = measure_copy_gbps(), measure_matmul_gflops()
+        copy_gbps, gflops = measure_copy_gbps(), measure_matmul_gflops(torch)
         full = CODEC_STAGES["fp16"]
         say("calibrating the CPU step model: decode steps")
         warm_up(model, spec)

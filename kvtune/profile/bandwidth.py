@@ -153,6 +153,18 @@ def measure_cpu_memory(*, quick: bool = False) -> BandwidthSample:
     return summarize("cpu_copy", size, 2 * size, secs, "perf_counter")
 
 
+def measure_matmul_gflops(torch: Any, n: int = 1024, repeats: int = 5) -> float:
+    """Float32 square matmul rate with torch's threads (GFLOP/s, 2 n^3 per product), median after a warm-up."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
 def filesystem_type(path: str) -> str | None:
     """The mount type (ext4, xfs, tmpfs, overlay, ...) of the filesystem holding ``path``."""
     try:

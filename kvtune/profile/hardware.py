@@ -21,7 +21,6 @@ import yaml
 from pydantic import ValidationError
 
 from kvtune.errors import UserError
-from kvtune.measure.cpu_calibration import measure_matmul_gflops
 from kvtune.profile import bandwidth
 from kvtune.profile.nvml import pcie_theoretical_gbps, query_nvml
 from kvtune.profile.schema import HardwareProfile
@@ -203,7 +202,7 @@ def probe_hardware(*, quick: bool = False, offload_dir: str | None = None, nvml:
     torch_mod = _import_torch()
     if torch_mod is not None:
         say("host: float32 matmul rate")
-        fields["cpu_matmul_gflops"] = round(measure_matmul_gflops(512 if quick else 1024), 2)
+        fields["cpu_matmul_gflops"] = round(bandwidth.measure_matmul_gflops(torch_mod, 512 if quick else 1024), 2)
         sources["cpu_matmul_gflops"] = (f"measured: float32 square matmul with torch's {torch_mod.get_num_threads()} "
                                         "threads, median of 5")
 
