@@ -40,9 +40,9 @@ from kvtune.io import atomic_write_text, dump_yaml
 from kvtune.kernels import backend as kb
 from kvtune.kernels.compaction import gather_tokens
 from kvtune.kernels.decode_attention import decode_attention, decode_attention_fp8, decode_attention_int
-from kvtune.kernels.offload import LayerPrefetcher, pinned_empty
+from kvtune.kernels.offload import pinned_empty
 from kvtune.kernels.quant import dequantize_int, quantize_fp8, quantize_int
-from kvtune.measure.timing import time_ms, timer_label
+from kvtune.measure.timing import prefetch_overlap_ms, time_ms, timer_label
 from kvtune.models import parse_device
 
 MODEL = dict(q_heads=32, kv_heads=8, head_dim=128)  # Llama-3.1-8B attention heads
@@ -137,46 +137,24 @@ def bench_shape(b: int, t: int, device, dt, shape, measure, backend, copy_gbps) 
     return rows
 
 
-def bench_offload(b: int, t: int, device, dt, shape, measure, backend) -> dict:
-    """Host->device transfer of one layer's K+V from pinned memory, and how much of it prefetch hides behind
-    one layer's decode attention (4 layers, double-buffered)."""
+def bench_offload(b: int, t: int, device, dt, shape, reps: int, warmup: int, backend) -> dict:
+    """Host->device transfer of one layer's K+V from pinned memory, and how much of it the layer prefetcher hides
+    behind one layer's decode attention (4 layers, double-buffered): :func:`kvtune.measure.timing.prefetch_overlap_ms`."""
     hq, hkv, d = shape["q_heads"], shape["kv_heads"], shape["head_dim"]
     n_layers = 4
-    kv_shape = (b, hkv, t, d)
     layers = []
     for _ in range(n_layers):
-        k, v = pinned_empty(kv_shape, dt), pinned_empty(kv_shape, dt)
+        k, v = pinned_empty((b, hkv, t, d), dt), pinned_empty((b, hkv, t, d), dt)
         k.normal_(), v.normal_()
         layers.append([k, v])
-    nbytes = 2 * layers[0][0].numel() * layers[0][0].element_size()
     q = torch.randn(b, hq, d, device=device, dtype=dt)
-    kd, vd = (x.to(device) for x in layers[0])
-
-    def transfer_only():
-        pf = LayerPrefetcher(layers, device)
-        for i in range(n_layers):
-            pf.get(i)
-            pf.release(i)
-
-    def compute_only():
-        for _ in range(n_layers):
-            decode_attention(q, kd, vd, backend=backend)
-
-    def overlapped():
-        pf = LayerPrefetcher(layers, device)
-        pf.prefetch(0)
-        for i in range(n_layers):
-            kk, vv = pf.get(i)
-            if i + 1 < n_layers:
-                pf.prefetch(i + 1)
-            decode_attention(q, kk, vv, backend=backend)
-            pf.release(i)
-
-    tx, tcomp, tov = measure(transfer_only), measure(compute_only), measure(overlapped)
-    hidden = max(0.0, min(1.0, (tx + tcomp - tov) / tx)) if device.type == "cuda" else None
-    return dict(op="offload H2D (K+V, pinned)", batch=b, context=t, ms=tx / n_layers * 1e3, bytes=nbytes,
-                gbps=nbytes * n_layers / tx / 1e9, transfer_ms=tx * 1e3, compute_ms=tcomp * 1e3,
-                overlapped_ms=tov * 1e3, hidden_fraction=hidden)
+    r = prefetch_overlap_ms(layers, lambda kv: decode_attention(q, kv[0], kv[1], backend=backend), device,
+                            repeats=max(reps, 1), warmup=warmup)
+    nbytes = r["layer_bytes"]
+    return dict(op="offload H2D (K+V, pinned)", batch=b, context=t, ms=r["transfer_ms"] / n_layers, bytes=nbytes,
+                gbps=nbytes * n_layers / (r["transfer_ms"] / 1e3) / 1e9, transfer_ms=r["transfer_ms"],
+                compute_ms=r["compute_ms"], overlapped_ms=r["overlapped_ms"], exposed_ms=r["exposed_ms"],
+                hidden_fraction=r["hidden_fraction"])
 
 
 def calibration_table(rows, *, hardware: str, copy_gbps: float, at: tuple[int, int], citation: str) -> tuple[dict, list]:
@@ -251,7 +229,7 @@ def main(argv=None) -> int:
             log(f"B={b} T={t} ...")
             rows += bench_shape(b, t, device, dt, shape, measure, backend, copy_gbps)
             if b == cfg["batches"][0]:
-                rows.append(bench_offload(b, t, device, dt, shape, measure, backend))
+                rows.append(bench_offload(b, t, device, dt, shape, cfg["reps"], cfg["warmup"], backend))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     print_table(rows, copy_gbps)

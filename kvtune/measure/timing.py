@@ -9,6 +9,8 @@
 
 :func:`pinned_copy_ms` times a real host-to-device copy from page-locked memory, the transfer an offloaded
 cache makes; it needs a CUDA device (a CPU has no such link: callers must not present a host memcpy as one).
+:func:`prefetch_overlap_ms` times what an offloaded decode step really pays: per-layer host blocks brought in by
+:class:`~kvtune.kernels.offload.LayerPrefetcher` on its side stream while attention runs on the previous layer.
 :func:`timer_label` says which of these produced a figure, for the provenance every figure carries.
 """
 
@@ -20,7 +22,9 @@ from typing import Callable
 
 import torch
 
-__all__ = ["time_ms", "time_pair_ms", "pinned_copy_ms", "timer_label", "is_cuda"]
+from kvtune.kernels.offload import LayerPrefetcher
+
+__all__ = ["time_ms", "time_pair_ms", "pinned_copy_ms", "prefetch_overlap_ms", "timer_label", "is_cuda"]
 
 
 def is_cuda(device: torch.device | str) -> bool:
@@ -137,6 +141,69 @@ def pinned_copy_ms(nbytes: int, device: torch.device | str, *, repeats: int = 10
             events.append((start, stop))
         torch.cuda.synchronize(dev)
     return statistics.median(a.elapsed_time(b) for a, b in events)
+
+
+def prefetch_overlap_ms(host_layers: list, attend: Callable[[list], object], device: torch.device | str, *,
+                        repeats: int = 5, warmup: int = 1, depth: int = 2) -> dict:
+    """Time one offloaded decode step over ``len(host_layers)`` layers three ways, each the median of ``repeats``:
+
+    * ``transfer_ms`` — every layer's host blocks copied in through a :class:`LayerPrefetcher`, nothing else;
+    * ``compute_ms`` — ``attend(device tensors of a layer)`` once per layer, the blocks already on the device;
+    * ``overlapped_ms`` — the real schedule: layer ``l + 1`` prefetched on the side stream while ``attend`` runs
+      on layer ``l``.
+
+    Also ``exposed_ms = max(0, overlapped - compute)`` (the copy time prefetch did not hide) and, on a GPU,
+    ``hidden_fraction = (transfer + compute - overlapped) / transfer`` in [0, 1]. ``host_layers[l]`` is the list
+    of contiguous host tensors of layer ``l`` (pinned for an asynchronous copy: ``kernels.offload.pinned_empty``).
+    On a CPU the prefetcher copies synchronously and nothing overlaps: ``hidden_fraction`` is None there.
+    """
+    _check_counts(repeats, warmup, "prefetch_overlap_ms")
+    dev = torch.device(device)
+    n = len(host_layers)
+    resident = [t.to(dev) for t in host_layers[0]]
+
+    def transfer_only():
+        pf = LayerPrefetcher(host_layers, dev, depth=depth)
+        for i in range(n):
+            pf.get(i)
+            pf.release(i)
+
+    def compute_only():
+        for _ in range(n):
+            attend(resident)
+
+    def overlapped():
+        pf = LayerPrefetcher(host_layers, dev, depth=depth)
+        pf.prefetch(0)
+        for i in range(n):
+            blocks = pf.get(i)
+            if i + 1 < n:
+                pf.prefetch(i + 1)
+            attend(blocks)
+            pf.release(i)
+
+    if dev.type == "cuda":  # whole-schedule times: events around each schedule, no L2 flush between layers
+        def run(fn):
+            for _ in range(warmup):
+                fn()
+            events = []
+            for _ in range(repeats):
+                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                stop.record()
+                events.append((start, stop))
+            torch.cuda.synchronize(dev)
+            return statistics.median(a.elapsed_time(b) for a, b in events)
+
+        with torch.cuda.device(dev):
+            tx, tc, tov = run(transfer_only), run(compute_only), run(overlapped)
+    else:
+        tx, tc, tov = (time_ms(f, dev, repeats=repeats, warmup=warmup) for f in (transfer_only, compute_only, overlapped))
+    hidden = max(0.0, min(1.0, (tx + tc - tov) / tx)) if dev.type == "cuda" and tx > 0 else None
+    return dict(transfer_ms=tx, compute_ms=tc, overlapped_ms=tov, exposed_ms=max(0.0, tov - tc),
+                hidden_fraction=hidden, layers=n,
+                layer_bytes=sum(t.numel() * t.element_size() for t in host_layers[0]))
 
 
 def timer_label(device: torch.device | str) -> str:

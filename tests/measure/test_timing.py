@@ -67,3 +67,25 @@ def test_cuda_timers_agree_with_a_synchronized_host_clock():
         assert 0.5 * host_ms <= t <= 1.05 * host_ms + 0.05
     copy_ms = timing.pinned_copy_ms(64 << 20, "cuda")
     assert 64 * 2**20 / (copy_ms / 1e3) / 1e9 > 5.0  # any PCIe 4/5 or NVLink-C2C link moves > 5 GB/s pinned
+    from kvtune.kernels.offload import pinned_empty
+
+    layers = [[pinned_empty((32 << 20,), torch.uint8).random_(0, 256)] for _ in range(4)]
+    r = timing.prefetch_overlap_ms(layers, lambda kv: torch.cuda._sleep(1_000_000), "cuda")
+    assert 0.0 <= r["hidden_fraction"] <= 1.0
+    assert r["overlapped_ms"] <= r["transfer_ms"] + r["compute_ms"] + 0.5  # overlap never costs more than serial
+
+
+def test_prefetch_overlap_on_cpu_runs_the_real_schedule():
+    """Every layer reaches ``attend`` with its own data, in order; on a CPU nothing overlaps (no figure)."""
+    layers = [[torch.full((4, 1024), float(i)), torch.full((4, 1024), -float(i))] for i in range(3)]
+    seen = []
+    r = timing.prefetch_overlap_ms(layers, lambda kv: seen.append((float(kv[0][0, 0]), float(kv[1][0, 0]))), "cpu",
+                                   repeats=2, warmup=1)
+    per_schedule = [(float(i), -float(i)) for i in range(3)]
+    compute = [(0.0, -0.0)] * 3  # compute_only reuses layer 0's resident blocks
+    assert seen == compute * 3 + per_schedule * 3  # (warm-up + 2 repeats) of compute_only, then of overlapped
+    assert r["layers"] == 3 and r["layer_bytes"] == 2 * 4 * 1024 * 4
+    assert r["hidden_fraction"] is None
+    assert r["exposed_ms"] == max(0.0, r["overlapped_ms"] - r["compute_ms"])
+    for key in ("transfer_ms", "compute_ms", "overlapped_ms"):
+        assert r[key] >= 0.0
