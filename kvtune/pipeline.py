@@ -28,7 +28,7 @@ import typing
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kvtune.errors import UserError
 
@@ -37,7 +37,8 @@ from kvtune.modelspec import ModelSpec
 if TYPE_CHECKING:  # strategies import torch; validate_pipeline imports them when it runs
     from kvtune.strategies import Stages
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # the newest version this kvtune reads; 2 adds ``buckets``
+MAX_BUCKETS = 16
 MAX_CONTEXT_TOKENS = 1 << 24  # 16,777,216: longer than any model serves; bounds every token count in a document
 MAX_TEXT = 512  # characters in a free-text field (name, model source)
 
@@ -191,6 +192,25 @@ class WorkloadInfo(_Strict):
     prefix_reuse: float | None = Field(None, ge=0.0, le=1.0)
 
 
+class Bucket(_Strict):
+    """One context-length bucket of a per-bucket pipeline (schema version 2): a prompt of at most
+    ``max_input_tokens`` tokens runs this bucket's stages; the last bucket has no bound. Routing takes the first
+    bucket whose bound holds (:meth:`Pipeline.route`)."""
+
+    max_input_tokens: int | None = Field(None, ge=1, le=MAX_CONTEXT_TOKENS,
+                                         description="upper bound of the bucket's prompt length; none on the last")
+    selection: Stage
+    codec: Stage
+    placement: Stage
+    share: FiniteFloat | None = Field(None, ge=0.0, le=1.0, description="fraction of the workload's requests")
+    measured_at_tokens: int | None = Field(None, ge=1, le=MAX_CONTEXT_TOKENS,
+                                           description="context length quality was measured at for this bucket")
+    measured: Measured | None = None
+
+    def label(self) -> str:
+        return f"{self.selection.label()} + {self.codec.label()} @ {self.placement.label()}"
+
+
 class Provenance(_Strict):
     kvtune_version: str
     created: str = Field(description="UTC time, ISO 8601")
@@ -205,7 +225,7 @@ class Provenance(_Strict):
 class Pipeline(_Strict):
     """A KV-cache pipeline: three stages, serving switches, and optionally what was measured for it."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1, 2] = 1  # 2 only when ``buckets`` is present, so older kvtune reads the rest
     name: str | None = Field(None, max_length=MAX_TEXT, description="free text; exporters escape it")
     selection: Stage = Field(default_factory=lambda: Stage(method="none"))
     codec: Stage = Field(default_factory=lambda: Stage(method="fp16"))
@@ -213,6 +233,29 @@ class Pipeline(_Strict):
     switches: Switches = Field(default_factory=Switches)
     measured: Measured | None = None
     provenance: Provenance | None = None
+    buckets: list[Bucket] | None = Field(None, min_length=1, max_length=MAX_BUCKETS,
+                                         description="per-length-bucket stages (schema version 2)")
+
+    @model_validator(mode="after")
+    def _buckets_ordered(self) -> "Pipeline":
+        if self.buckets is None:
+            return self
+        if self.schema_version < 2:
+            raise ValueError("'buckets' needs schema_version 2")
+        bounds = [b.max_input_tokens for b in self.buckets]
+        if bounds[-1] is not None or any(x is None for x in bounds[:-1]):
+            raise ValueError("buckets: only the last bucket, and it must, leave max_input_tokens unset")
+        if any(a >= b for a, b in zip(bounds[:-2], bounds[1:-1])):  # type: ignore[operator]
+            raise ValueError("buckets: max_input_tokens must increase from bucket to bucket")
+        return self
+
+    def route(self, prompt_tokens: int) -> "Pipeline":
+        """The stages a prompt of this many tokens runs: its bucket's (the first whose bound holds), else the
+        pipeline's own."""
+        for b in self.buckets or ():
+            if b.max_input_tokens is None or prompt_tokens <= b.max_input_tokens:
+                return Pipeline(selection=b.selection, codec=b.codec, placement=b.placement, switches=self.switches)
+        return self
 
     @field_validator("schema_version", mode="before")
     @classmethod
@@ -245,7 +288,7 @@ class Pipeline(_Strict):
         if not isinstance(data, dict):
             raise UserError(f"{where}: expected a mapping at the top level, got {_kind(data)}")
         if "schema_version" not in data:
-            raise UserError(f"{where}: missing 'schema_version' (this kvtune writes {SCHEMA_VERSION})")
+            raise UserError(f"{where}: missing 'schema_version' (this kvtune writes 1, or 2 with 'buckets')")
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
@@ -362,6 +405,9 @@ def validate_pipeline(pipeline: Pipeline, *, spec: ModelSpec | None = None, wher
                         raise UserError(f"{axis}.params ({strategy.name}): {exc} (model {spec.name})") from None
     except UserError as exc:
         raise UserError(f"{where}: {exc}") from None
+    for i, bucket in enumerate(pipeline.buckets or ()):  # each bucket's stages, checked as a pipeline of their own
+        validate_pipeline(pipeline.route(bucket.max_input_tokens or MAX_CONTEXT_TOKENS), spec=spec,
+                          where=f"{where}: buckets.{i}")
     if pipeline.measured is not None:
         bad = _non_finite(pipeline.measured.model_dump(mode="python"), "measured")
         if bad:

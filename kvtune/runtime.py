@@ -296,6 +296,12 @@ class KVCache(Cache):
         super().__init__(layers=layers)
         self.stages = stages
 
+    @classmethod
+    def for_prompt(cls, pipeline: Pipeline, prompt_tokens: int, num_layers: int, *, seed: int = 0) -> "KVCache":
+        """The cache for one request: a per-bucket pipeline (``buckets``, schema version 2) runs the stages of the
+        bucket the prompt's length falls in (:meth:`Pipeline.route`); any other pipeline runs its own stages."""
+        return cls(pipeline.route(prompt_tokens), num_layers, seed=seed)
+
     def nbytes(self) -> int:
         """Bytes held by every layer's store, measured from the stored tensors."""
         return sum(layer.store.nbytes() for layer in self.layers)

@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kvtune import __version__
+from kvtune.buckets import QUALITY_CAP_TOKENS, QUICK_CAP_TOKENS, BucketResult, parse_buckets, search_buckets, split
 from kvtune.commands.common import DEVICE_HELP, OutputFormat, emit, needs_attention_sums, prepare, stderr
 from kvtune.commands.export import nonempty_path, write_exports
 from kvtune.errors import UserError, printable
@@ -72,9 +73,11 @@ def recommend(
     calibration: Annotated[Optional[list[str]], typer.Option(help="kernel calibration YAML from benchmarks/kernels.py --calibration-out (repeatable)")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="allow the model's own Python code to run")] = False,
     format: Annotated[OutputFormat, typer.Option("--format", "-f", help="stdout: table, json or yaml")] = OutputFormat.table,
+    buckets: Annotated[Optional[str], typer.Option("--buckets", help="one pipeline per prompt-length bucket of the workload trace: 'auto' or a bucket count; --trials is per bucket")] = None,
 ) -> None:
     """Search KV-cache pipelines for a scenario, measuring every candidate on a real model; write the best."""
     scen = get_scenario(scenario)
+    bucket_count = parse_buckets(buckets) if buckets is not None else None
     backup = guard_output(output, force)
     targets = recommend_inputs(storage=storage, export=export, export_dir=export_dir, context=context,
                                force=force).targets  # storage, exports, context: before the model loads
@@ -100,6 +103,36 @@ def recommend(
     ctx = SearchContext(model=prep.loaded.model, evalset=prep.evalset, eval_config=prep.eval_config,
                         target=tgt, scenario=scen, seed=seed)
     stderr.print(f"study '{escape(printable(name))}' in {escape(redact_url(storage))}; scenario {scen.name}: {scen.summary}")
+    if buckets is not None:
+        replay = tgt.serving.replay
+        if replay is None:
+            raise UserError("--buckets: the workload has no trace on disk to split by prompt length")
+        cap = QUICK_CAP_TOKENS if quick else QUALITY_CAP_TOKENS
+        why = (f"--quick caps evaluation contexts at {cap:,} tokens" if quick else
+               f"quality measured at most at {cap:,} tokens: the bundled model answers the pass key reliably up to ~4K")
+        parts = split(replay.mix(), bucket_count, cap, why)
+        if len(parts) > 1:
+            result = search_buckets(ctx, parts, prep.loaded.tokenizer, trials=trials, storage=storage, study_name=name,
+                                    model_source=prep.loaded.source, attention_sums=needs_sums,
+                                    progress=lambda msg: stderr.print(escape(msg)))
+            if result.single is None:
+                raise UserError("--buckets: no candidate is feasible in every bucket; run without --buckets")
+            doc = result.document(result.single).model_copy(update={
+                "measured": result.measured[max(range(len(parts)), key=lambda i: parts[i].share)][result.single.label()].measured,
+                "name": f"{scen.name} recommendation, {len(parts)} length buckets",
+                "provenance": Provenance(kvtune_version=__version__, created=utc_now(), scenario=scen.name, study=name,
+                                         seed=seed, model=prep.model_info(), hardware=prep.hardware_info(),
+                                         workload=prep.workload_info())})
+            if backup is not None:
+                output.replace(backup)
+                stderr.print(f"previous {output} kept as {backup}")
+            atomic_write_text(output, doc.to_yaml())
+            _print_buckets(result, format, doc)
+            stderr.print(f"wrote {output} ({len(parts)} buckets, routing by prompt length)")
+            if targets:
+                write_exports(doc, targets, export_dir, force=force)
+            return
+        stderr.print("note: --buckets: the trace's prompt lengths span too narrow a range to split; one pipeline")
     started = time.perf_counter()
     with Progress(TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.description}"), console=stderr, transient=False) as bar:
@@ -154,3 +187,42 @@ def recommend(
                  f"{len(outcome.pruned)} rejected before running); wrote {output}")
     if targets:
         write_exports(best, targets, export_dir, force=force)
+
+
+def _print_buckets(result: BucketResult, format: OutputFormat, doc: Pipeline) -> None:
+    """The per-bucket table, the routing rule and the routed set against the best single pipeline."""
+    from rich.table import Table
+
+    r, single = result, result.single
+    assert single is not None
+    gain = r.gain
+    if format is not OutputFormat.table:
+        emit({"recommended": doc.to_dict(), "best_single": single.label(),
+              "routed": dataclasses.asdict(r.routed), "best_single_aggregate": dataclasses.asdict(r.single_agg),
+              "gain_tokens_per_s": gain, "notes": r.notes}, format)
+        return
+    out = Console(width=200)
+    table = Table(title="Per-bucket recommendation (route each prompt to the first bucket whose bound holds)")
+    for col in ("bucket (prompt tokens)", "requests", "median", "measured at", "pipeline", "loss", "tok/s",
+                "single: loss", "single: tok/s"):
+        table.add_column(col)
+    low = 0
+    for b, p in zip(r.buckets, r.picks):
+        s = r.measured[b.index][single.label()]
+        table.add_row(b.label(low), f"{b.share:.0%}", f"{b.representative:,}",
+                      f"{b.measured_at:,}" + (" (capped)" if b.cap_reason else ""), escape(p.label()),
+                      f"{p.measured.quality.quality_loss:.4f}", f"{p.measured.serving.tokens_per_s:,.0f}",  # type: ignore[union-attr]
+                      f"{s.measured.quality.quality_loss:.4f}", f"{s.measured.serving.tokens_per_s:,.0f}")  # type: ignore[union-attr]
+        low = b.max_input_tokens or low
+    out.print(table)
+    distinct = len({p.label() for p in r.picks})
+    out.print(f"{distinct} different pipelines over {len(r.buckets)} buckets; best single pipeline: "
+              f"{escape(single.label())}")
+    sa = r.single_agg
+    assert sa is not None
+    out.print(f"over the workload mix (serving model, {escape(r.outcomes[0].study_name.rsplit('/', 1)[0])}): routed "
+              f"{r.routed.tokens_per_s:,.0f} tok/s, loss {r.routed.quality_loss:.4f}, {r.routed.bytes_per_token:,.0f} B/token; "
+              f"best single {sa.tokens_per_s:,.0f} tok/s, loss {sa.quality_loss:.4f}, {sa.bytes_per_token:,.0f} B/token; "
+              f"gain {'-' if gain is None else f'{gain:+.1%}'} tokens/s")
+    for note in r.notes:
+        stderr.print(f"note: {escape(note)}")

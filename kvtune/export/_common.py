@@ -270,6 +270,14 @@ def header_lines(*, title: str, p: Pipeline, stack: str, version: str, options_f
         )
     lines.append("")
     lines += usage
+    if p.buckets:  # one note for every stack: none switches the KV pipeline by prompt length
+        bounds = ", ".join(f"<= {b.max_input_tokens:,}" if b.max_input_tokens else "longer" for b in p.buckets)
+        what = f"per-length buckets ({bounds} prompt tokens)"
+        if not any(d.startswith(what) for d in notes.dropped):  # header_lines may run twice for one export
+            notes.not_expressible(what, f"{stack} cannot switch the KV pipeline by prompt length: this file runs "
+                                  "the pipeline's top-level stages (the best single pipeline) for every request; to "
+                                  "route by length, export each bucket's stages and serve one deployment per bucket "
+                                  "behind a router on prompt length")
     if notes.dropped:
         lines.append("")
         lines.append(f"LEFT OUT OR CHANGED ({stack} {version} cannot express them):")

@@ -351,6 +351,25 @@ def batch_probe_correct(model: Any, record: PrefillRecord, answers: torch.Tensor
     return [bool(x) for x in ok]
 
 
+def scoring_chunk(stages: Stages, config: EvalConfig) -> int:
+    """Tokens per teacher-forced forward: one for decode-time selectors (H2O, TOVA), which evict after every
+    generated token as in generation, else ``config.chunk``."""
+    return 1 if stages.selector is not None and stages.selector.decode_time else config.chunk
+
+
+def probe_loss_bound(model: Any, evalset: EvalSet, stages: Stages, config: EvalConfig, seed: int = 0) -> float | None:
+    """Multi-fidelity stage 1: ``1 - probe_retention`` from the probe items alone (the cheap slice: a few answer
+    tokens per item). Every other term of ``quality_loss`` is >= 0, so this is a lower bound on the candidate's
+    full quality loss, exact in the probe term (same items, same scoring as :func:`evaluate_quality`). None when
+    the full cache answers no probe item (no bound)."""
+    counted = sum(p.full_correct for p in evalset.probes)
+    if not counted:
+        return None
+    chunk = scoring_chunk(stages, config)
+    ok = sum(sum(batch_probe_correct(model, b.record, b.answers, stages, chunk, seed)) for b in evalset.probe_batches)
+    return 1.0 - ok / counted
+
+
 def evaluate_quality(model: Any, evalset: EvalSet, pipeline: Pipeline | Stages, config: EvalConfig,
                      seed: int = 0) -> QualityResult:
     """Measure one pipeline on a prepared evaluation set."""
@@ -362,7 +381,7 @@ def evaluate_quality(model: Any, evalset: EvalSet, pipeline: Pipeline | Stages, 
     n = 0
     # decode-time selectors (H2O, TOVA) evict after every generated token: feed one token per forward, as
     # generation does, rather than evicting once per teacher-forced chunk
-    chunk = 1 if stages.selector is not None and stages.selector.decode_time else config.chunk
+    chunk = scoring_chunk(stages, config)
     for batch in evalset.text_batches:
         cand = batch_logprobs(model, batch.record, batch.continuation, stages, chunk, seed)  # (B, C, V)
         ref = batch.ref_logprobs

@@ -51,7 +51,7 @@ def test_defaults_are_the_full_cache():
     [
         ({"schema_version": 1, "selection": {"method": "snapkv", "parms": {}}}, "selection.parms': unknown field"),
         ({"schema_version": 1, "extra": 1}, "'extra': unknown field"),
-        ({"schema_version": 2}, "newer than this kvtune understands"),
+        ({"schema_version": 3}, "newer than this kvtune understands"),
         ({"selection": {"method": "none"}}, "missing 'schema_version'"),
         ({"schema_version": 1, "switches": {"gpu_memory_fraction": 1.5}}, "switches.gpu_memory_fraction"),
         ([1, 2], "expected a mapping"),

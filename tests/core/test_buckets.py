@@ -1,0 +1,140 @@
+"""Per-length-bucket pipelines: the split, the aggregate over the workload mix, the schema, routing, exports."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from kvtune.buckets import (LengthBucket, aggregate, auto_count, bucket_eval_config, parse_buckets,
+                            preference_key, split)
+from kvtune.errors import UserError
+from kvtune.export import TARGETS, render_pipeline
+from kvtune.measure.quality import EvalConfig
+from kvtune.pipeline import (Bucket, CostResult, Measured, Pipeline, QualityResult, ServingResult, Stage,
+                             validate_pipeline)
+from kvtune.runtime import KVCache
+from kvtune.scenarios import get_scenario
+
+
+def _mix(lengths: list[int], out: int = 100) -> list[tuple[int, int]]:
+    return [(n, out) for n in lengths]
+
+
+def test_auto_count_follows_the_spread() -> None:
+    assert auto_count([1000] * 50) == 1
+    assert auto_count([1000] * 25 + [8000] * 25) == 2  # 8x between p10 and p90
+    assert auto_count([500] * 20 + [5000] * 20 + [50000] * 20) == 3  # 100x
+
+
+def test_split_quantiles_cover_every_request_once() -> None:
+    lengths = [100 * (i + 1) for i in range(90)]  # 100 .. 9000
+    parts = split(_mix(lengths), 3, cap=4096, cap_reason="cap")
+    assert [len(b.requests) for b in parts] == [30, 30, 30]
+    assert [b.max_input_tokens for b in parts] == [3000, 6000, None]
+    assert math.isclose(sum(b.share for b in parts), 1.0)
+    assert parts[0].representative == 1550  # median of 100..3000
+    assert parts[0].measured_at == 1550 and parts[0].cap_reason is None
+    assert parts[2].representative == 7550 and parts[2].measured_at == 4096 and parts[2].cap_reason == "cap"
+
+
+def test_split_never_straddles_equal_lengths() -> None:
+    parts = split(_mix([1000] * 80 + [9000] * 20), 3, cap=4096, cap_reason="cap")
+    assert [(b.max_input_tokens, len(b.requests)) for b in parts] == [(1000, 80), (None, 20)]
+
+
+def test_parse_buckets() -> None:
+    assert parse_buckets("auto") is None and parse_buckets("3") == 3
+    for bad in ("0", "17", "x", "2.5"):
+        with pytest.raises(UserError, match="--buckets"):
+            parse_buckets(bad)
+
+
+def test_bucket_eval_config_sets_every_context() -> None:
+    cfg = bucket_eval_config(EvalConfig.quick(), 777)
+    assert (cfg.context_tokens, cfg.passkey_tokens, cfg.kv_tokens, cfg.multiturn_tokens) == (777, 777, 777, 777)
+    assert cfg.passkey_items == EvalConfig.quick().passkey_items
+
+
+def _measured(loss: float, tps: float, bpt: float, ttft: float = 10.0) -> Measured:
+    q = QualityResult(quality_loss=loss, kl_mean=loss, kl_max=loss, top1_agreement=1.0, perplexity=1.0,
+                      perplexity_full=1.0, eval_tokens=1)
+    c = CostResult.model_construct(bytes_per_token=bpt)
+    sv = ServingResult.model_construct(tokens_per_s=tps, ttft_ms=ttft, batch=8, exposed_copy_ms=0.0, tpot_ms=10.0)
+    return Measured.model_construct(quality=q, cost=c, serving=sv)
+
+
+def _p(loss: float, tps: float, bpt: float) -> Pipeline:
+    return Pipeline.model_construct(selection=Stage(method="none"), codec=Stage(method="fp16"),
+                                    placement=Stage(method="gpu"), measured=_measured(loss, tps, bpt))
+
+
+def test_aggregate_is_time_weighted_throughput_and_share_weighted_means() -> None:
+    b = [LengthBucket(0, 1000, ((500, 100),) * 3, 0.75, 500, 500, None),
+         LengthBucket(1, None, ((9000, 300),), 0.25, 9000, 4096, "cap")]
+    a = aggregate([_p(0.0, 1000.0, 100.0), _p(0.08, 300.0, 40.0)], b, get_scenario("datacenter"))
+    # 300 output tokens at 1000 tok/s + 300 at 300 tok/s: 600 tokens in 1.3 s
+    assert a.tokens_per_s == pytest.approx(600 / 1.3)
+    assert a.quality_loss == pytest.approx(0.25 * 0.08)
+    assert a.bytes_per_token == pytest.approx(0.75 * 100 + 0.25 * 40)
+    assert a.feasible
+    worse = aggregate([_p(0.0, 900.0, 100.0), _p(0.2, 300.0, 40.0)], b, get_scenario("datacenter"))
+    assert not worse.feasible  # 0.2 > datacenter's 0.1 ceiling in one bucket
+    assert preference_key(a, "throughput") < preference_key(worse, "throughput")
+
+
+def _bucketed() -> Pipeline:
+    return Pipeline(schema_version=2, codec=Stage(method="int8"), buckets=[
+        Bucket(max_input_tokens=2048, selection=Stage(method="none"), codec=Stage(method="fp16"),
+               placement=Stage(method="gpu"), share=0.6),
+        Bucket(selection=Stage(method="snapkv", params={"budget": 0.3}), codec=Stage(method="kivi", params={"bits": 4}),
+               placement=Stage(method="gpu"), share=0.4),
+    ])
+
+
+def test_buckets_schema_round_trips_and_routes() -> None:
+    p = _bucketed()
+    again = Pipeline.from_dict(p.to_dict())
+    assert again == p and again.schema_version == 2
+    validate_pipeline(again)
+    assert again.route(2048).label() == "none + fp16 @ gpu"
+    assert again.route(2049).label() == "snapkv(budget=0.3) + kivi(bits=4) @ gpu"
+    assert Pipeline().route(10**6).label() == Pipeline().label()  # no buckets: its own stages
+    assert Pipeline.from_dict({"schema_version": 1}).schema_version == 1  # old files still load
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"schema_version": 1}, "needs schema_version 2"),
+    ({"buckets": [{"max_input_tokens": 10, "selection": {"method": "none"}, "codec": {"method": "fp16"},
+                   "placement": {"method": "gpu"}}]}, "only the last bucket"),
+    ({"buckets": [{"max_input_tokens": 10, "selection": {"method": "none"}, "codec": {"method": "fp16"},
+                   "placement": {"method": "gpu"}},
+                  {"max_input_tokens": 5, "selection": {"method": "none"}, "codec": {"method": "fp16"},
+                   "placement": {"method": "gpu"}},
+                  {"selection": {"method": "none"}, "codec": {"method": "fp16"}, "placement": {"method": "gpu"}}]},
+     "must increase"),
+])
+def test_bad_buckets_are_one_line_errors(change: dict, message: str) -> None:
+    data = {**_bucketed().to_dict(), **change}
+    with pytest.raises(UserError, match=message):
+        Pipeline.from_dict(data)
+
+
+def test_bucket_stage_parameters_are_validated() -> None:
+    data = _bucketed().to_dict()
+    data["buckets"][1]["codec"]["params"]["bits"] = 3
+    with pytest.raises(UserError, match="buckets.1.*bits"):
+        validate_pipeline(Pipeline.from_dict(data))
+
+
+def test_runtime_applies_the_bucket_by_prompt_length() -> None:
+    p = _bucketed()
+    short, long = KVCache.for_prompt(p, 100, 2), KVCache.for_prompt(p, 5000, 2)
+    assert short.stages.selector is None and short.stages.codec.name == "fp16"
+    assert long.stages.selector.name == "snapkv" and long.stages.codec.name == "kivi"
+
+
+def test_every_exporter_says_it_cannot_switch_by_length() -> None:
+    said = {t for t, r in render_pipeline(_bucketed(), ["all"]) if "cannot switch the KV pipeline by prompt length" in r.text}
+    assert said == set(TARGETS)
+    assert not any("prompt length" in r.text for _t, r in render_pipeline(Pipeline(), ["all"]))
