@@ -46,6 +46,9 @@ class Scenario:
     # follow-up turns: reject a candidate whose follow-up retention (1.0 for the full cache, by definition) is
     # lower than the full cache's by more than this; None = not checked
     max_followup_drop: float | None = None
+    # the serving stack the search is narrowed to (kvtune.stacks.StackProfile, set by --stack); its variants fix
+    # parameters that carry the stack's numerics. None: every method the scenario allows.
+    stack: Any = None
 
     def allows(self, axis: str, method: str) -> bool:
         return method in {"selection": self.selection, "codec": self.codecs, "placement": self.placements}[axis]

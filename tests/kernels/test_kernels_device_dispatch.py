@@ -41,17 +41,28 @@ def test_recommend_on_cpu_with_cuda_available_never_launches_triton(tmp_path, mo
 
     monkeypatch.setattr(JITFunction, "__getitem__", refuse)
     monkeypatch.setattr(InterpretedFunction, "__getitem__", refuse)
+    decisions = []
+    real_for_device = kb.for_device
+
+    def spy(request, device, where="backend"):
+        decisions.append((torch.device(device).type, real_for_device(request, device, where)))
+        return decisions[-1][1]
+
+    monkeypatch.setattr(kb, "for_device", spy)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.delenv(kb.ENV_VAR, raising=False)
     kb.default_request.cache_clear()
     try:
         assert kb.resolve(None) is kb.Backend.TRITON  # the old, process-wide answer on such a host
+        decisions.clear()
         result = _run(["recommend", "--scenario", "multi-turn", "--quick", "--trials", "2", "--context", "512",
                        "--device", "cpu"], tmp_path)
     finally:
         kb.default_request.cache_clear()
     assert result.exit_code == 0, result.output
     assert launched == []
+    ops = [d for d in decisions if d[0] == "cpu"]
+    assert len(ops) > 100 and all(b is kb.Backend.TORCH for _dev, b in ops)  # the kernels ran, on the reference
     p = load_pipeline(tmp_path / "kvtune-pipeline.yaml")
     assert p.measured is not None and p.measured.cost.backend == "torch-cpu"
     assert "on cpu (float32)" in result.output
