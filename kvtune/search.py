@@ -29,6 +29,7 @@ from kvtune.measure.quality import EvalConfig, EvalSet, evaluate_quality
 from kvtune.measure.target import Target
 from kvtune.pipeline import Measured, Pipeline, Stage, Switches, validate_pipeline
 from kvtune.scenarios import Scenario
+from kvtune.stacks import stack_params
 from kvtune.storage import fail_dead_trials, mark_worker, open_storage, redact_text, redact_url
 from kvtune.strategies import AXES, NONE, Stages
 
@@ -56,7 +57,8 @@ def suggest_pipeline(trial: Any, scenario: Scenario) -> Pipeline:
     for axis, allowed in (("selection", scenario.selection), ("codec", scenario.codecs),
                           ("placement", scenario.placements)):
         method = trial.suggest_categorical(axis, list(allowed))
-        params = {} if method == NONE else AXES[axis][method].search_space(trial, scenario)
+        params = {} if method == NONE else stack_params(trial, axis, method, scenario.stack,
+                                                        AXES[axis][method].search_space, scenario)
         stages[axis] = Stage(method=method, params=params)
     return Pipeline(**stages, switches=Switches(prefix_caching=scenario.prefix_caching))
 
@@ -87,6 +89,7 @@ def eval_fingerprint(ctx: SearchContext, model_source: str) -> str:
     """What must not change between runs of one study: model, evaluation set, cost setup, scenario."""
     t = ctx.target
     doc = {"model": model_source, "eval": ctx.eval_config.__dict__, "scenario": ctx.scenario.name,
+           "stack": ctx.scenario.stack.spec if ctx.scenario.stack is not None else None,
            "spec": t.spec.name, "context": t.cost.context_tokens, "hardware": t.hardware.name, "tpot": t.tpot_requested,
            "workload": t.workload.name if t.workload is not None else None}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
