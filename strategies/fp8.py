@@ -60,7 +60,8 @@ class StaticFp8Store(Store):
 
     def keep(self, idx: torch.Tensor) -> None:
         gather = idx.long()[..., None].expand(-1, -1, -1, self.k.shape[-1])  # (B, H, K, D)
-        self.k, self.v = self.k.gather(2, gather), self.v.gather(2, gather)
+        pick = lambda x: x.view(torch.uint8).gather(2, gather).view(x.dtype)  # noqa: E731 - no fp8 gather on CPU
+        self.k, self.v = pick(self.k), pick(self.v)
         self.tokens = idx.shape[-1]
         self._view = None
 
