@@ -134,7 +134,7 @@ INVALID_DOCS: list[tuple[dict[str, Any], str]] = [
     ({"switches": {"gpu_memory_fraction": math.inf}}, "finite"),
     ({"switches": {"max_model_len": 0}}, "max_model_len >= 1"),
     ({"switches": {"max_model_len": 10**12}}, "max_model_len bounded"),
-    ({"schema_version": 2}, "future schema"),
+    ({"schema_version": 99}, "future schema"),
     ({"schema_version": "1"}, "schema version is an int"),
     ({"name": "x" * 10_000}, "name length"),
     ({"bogus": 1}, "unknown field"),
