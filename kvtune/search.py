@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from kvtune.errors import UserError, printable
 from kvtune.measure.kernels_cost import measure_cost
-from kvtune.measure.quality import EvalConfig, EvalSet, evaluate_quality
+from kvtune.measure.quality import EvalConfig, EvalSet, evaluate_quality, probe_loss_bound
 from kvtune.measure.target import Target
 from kvtune.pipeline import Measured, Pipeline, Stage, Switches, validate_pipeline
 from kvtune.scenarios import Scenario
@@ -35,6 +35,7 @@ from kvtune.strategies import AXES, NONE, Stages
 
 ATTR_PIPELINE = "pipeline"
 ATTR_REASON = "infeasible"
+ATTR_STOPPED = "stopped_at_loss"  # multi-fidelity: the probe slice's lower bound on quality loss
 
 
 def speed(p: Pipeline, prefer: str) -> float:
@@ -63,6 +64,35 @@ def suggest_pipeline(trial: Any, scenario: Scenario) -> Pipeline:
     return Pipeline(**stages, switches=Switches(prefix_caching=scenario.prefix_caching))
 
 
+# The first trials of a new study, in order: the full cache (every report's baseline), then known-good pipelines
+# from the literature that usually sit on the front: fp8 and int8 KV (2x, near lossless in vLLM/TensorRT-LLM
+# practice) and 4-bit KIVI (4x; Liu et al., ICML 2024). Priors, not results: each is measured like any trial,
+# and those a scenario does not allow are left out (warm_start). benchmarks/search.py shows what they buy.
+WARM_START: tuple[dict[str, Any], ...] = (
+    {"selection": NONE, "codec": "fp16", "placement": "gpu"},
+    {"selection": NONE, "codec": "fp8", "placement": "gpu", "fp8.fmt": "e4m3", "fp8.scale": "head"},
+    {"selection": NONE, "codec": "kivi", "placement": "gpu", "kivi.bits": 4},
+    {"selection": NONE, "codec": "int8", "placement": "gpu"},
+)
+
+
+def warm_start(scenario: Scenario) -> list[dict[str, Any]]:
+    """The :data:`WARM_START` trials the scenario allows (the full cache is always first)."""
+    return [w for w in WARM_START if scenario.allows("selection", w["selection"]) and scenario.allows("codec", w["codec"])
+            and scenario.allows("placement", w["placement"])]
+
+
+def make_sampler(seed: int, trials: int) -> Any:
+    """kvtune's sampler: multivariate TPE with grouped decomposition (each method's parameters form their own
+    group, so the sampler never models a parameter of a method the trial did not pick), random startup trials
+    for a third of the budget (4 to 10), and the scenario's quality ceiling as a constraint (``set_constraint``).
+    ``benchmarks/search.py`` replays this exact setup against an exhaustively measured grid."""
+    import optuna
+
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
+                                      n_startup_trials=max(4, min(10, trials // 3)))
+
+
 @dataclass
 class SearchContext:
     model: Any
@@ -71,6 +101,16 @@ class SearchContext:
     target: Target
     scenario: Scenario
     seed: int = 0
+    multi_fidelity: bool = True  # stop a candidate after the probe slice when it can no longer be feasible
+
+
+def stop_early(ctx: SearchContext, stages: Stages) -> float | None:
+    """Multi-fidelity rule: the probe slice's lower bound on quality loss when it already exceeds the scenario's
+    ceiling (the candidate can never be feasible, so never the pick), else None (measure it in full)."""
+    if not ctx.multi_fidelity:
+        return None
+    bound = probe_loss_bound(ctx.model, ctx.evalset, stages, ctx.eval_config, ctx.seed)
+    return bound if bound is not None and bound > ctx.scenario.max_quality_loss + 1e-12 else None
 
 
 def measure(ctx: SearchContext, pipeline: Pipeline, trial_number: int | None = None) -> Pipeline:
@@ -170,9 +210,7 @@ def run_study(ctx: SearchContext, *, trials: int, storage: str, study_name: str,
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     fingerprint = eval_fingerprint(ctx, model_source)
 
-    sampler = optuna.samplers.TPESampler(
-        seed=ctx.seed, multivariate=True, group=True, n_startup_trials=max(4, min(10, trials // 3)),
-    )
+    sampler = make_sampler(ctx.seed, trials)
     opened = open_storage(storage)  # heartbeat + retry of trials whose process died (kvtune/storage.py)
     try:
         study = optuna.create_study(storage=opened, study_name=study_name, sampler=sampler,
@@ -202,8 +240,10 @@ def run_study(ctx: SearchContext, *, trials: int, storage: str, study_name: str,
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     resumed = sum(t.state in finished for t in study.get_trials(deepcopy=False))  # not RUNNING/FAIL/WAITING
     if not study.trials:
-        study.enqueue_trial({"selection": NONE, "codec": "fp16", "placement": "gpu"})
+        for params in warm_start(ctx.scenario):
+            study.enqueue_trial(params)
     outcome = StudyOutcome(study_name=study_name, trials=[], resumed_trials=resumed)
+    stopped: dict[str, float] = {}
     started = time.perf_counter()
 
     prefer = ctx.scenario.prefer
@@ -226,6 +266,21 @@ def run_study(ctx: SearchContext, *, trials: int, storage: str, study_name: str,
                 if on_trial:
                     on_trial(trial.number, None, f"rejected before running: {reason}")
                 raise optuna.TrialPruned(reason)
+            bound = stopped.get(label)
+            if bound is None:
+                bound = stop_early(ctx, stages)
+            if bound is not None:  # infeasible for sure: priced (cheap), recorded with its bound, not stored
+                stopped[label] = bound
+                cost = measure_cost(stages, ctx.target.cost, ctx.seed)
+                sv = ctx.target.price(stages, pipeline, cost)
+                reason = (f"stopped after the probe slice: quality loss >= {bound:.3f} > ceiling "
+                          f"{ctx.scenario.max_quality_loss:g}")
+                trial.set_user_attr(ATTR_REASON, reason)
+                trial.set_user_attr(ATTR_STOPPED, bound)
+                trial.set_constraint("quality_loss", bound - ctx.scenario.max_quality_loss)
+                if on_trial:
+                    on_trial(trial.number, None, reason)
+                return (bound, sv.ttft_ms if prefer == "ttft" else -sv.tokens_per_s, cost.bytes_per_token)
             measured = measure(ctx, pipeline, trial.number)
             done[label] = measured
         q = measured.measured.quality.quality_loss  # type: ignore[union-attr]
@@ -240,7 +295,7 @@ def run_study(ctx: SearchContext, *, trials: int, storage: str, study_name: str,
     for t in study.get_trials(deepcopy=False):
         if t.state == optuna.trial.TrialState.COMPLETE and ATTR_PIPELINE in t.user_attrs:
             outcome.trials.append(Pipeline.model_validate(t.user_attrs[ATTR_PIPELINE]))
-        elif t.state == optuna.trial.TrialState.PRUNED:
+        elif t.state == optuna.trial.TrialState.PRUNED or ATTR_STOPPED in t.user_attrs:
             outcome.pruned.append((t.number, t.user_attrs.get(ATTR_REASON, "pruned")))
         elif t.state == optuna.trial.TrialState.FAIL:
             outcome.failed.append((t.number, t.system_attrs.get("fail_reason", "failed")))
