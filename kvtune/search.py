@@ -7,7 +7,11 @@ sampler as a constraint (a trial above it is infeasible, not discarded). Before 
 pre-check rejects candidates whose KV for one sequence cannot be placed in the target's tiers (pruned, with the
 reason kept on the trial). A trial that runs out of memory is recorded as failed and the study goes on.
 
-The first trial of a new study is always the full cache, so every report has its baseline. Each trial's
+The first trial of a new study is always the full cache, so every report has its baseline; the known-good
+pipelines the scenario allows follow (:data:`WARM_START`), then multivariate TPE (:func:`make_sampler`).
+Multi-fidelity: a candidate first runs the probe slice of the evaluation set; when ``1 - probe_retention`` alone
+puts its quality loss above the scenario's ceiling it stops there (:func:`stop_early`), recorded as infeasible with
+that bound and listed with the rejected trials, never measured in full (it could not be the pick). Each trial's
 complete measured pipeline is stored on the trial (``user_attrs["pipeline"]``), so a resumed study (same
 ``--storage`` and ``--study-name``) reports every earlier trial without measuring it again; a candidate
 already measured in the study is not measured twice.

@@ -184,7 +184,7 @@ def recommend(
               "trials": len(outcome.trials), "tried": [p.label() for p in outcome.trials],
               "pruned": [{"trial": n, "reason": r} for n, r in outcome.pruned]}, format)
     stderr.print(f"{outcome.new_trials} trials in {elapsed:.0f} s ({len(outcome.trials)} measured in the study, "
-                 f"{len(outcome.pruned)} rejected before running); wrote {output}")
+                 f"{len(outcome.pruned)} rejected before running or stopped after the probe slice); wrote {output}")
     if targets:
         write_exports(best, targets, export_dir, force=force)
 
