@@ -76,7 +76,15 @@ def measure(args) -> dict:
                                   facts=args.facts, turns=args.turns, seed=args.seed, attention_sums=True)
     build_s = time.perf_counter() - started
     full = torch.cat([b.full_correct for b in batches])  # (N, turns)
-    rows = []
+    rows: list[dict] = []
+    head = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "threads": torch.get_num_threads(), "load_avg_1m": os.getloadavg()[0], "device": "cpu",
+                    "model_dtype": "float32"},
+        "model": lm.name, "items": args.items, "turns": args.turns, "facts": args.facts, "context_tokens": args.tokens,
+        "full_correct_per_turn": full.sum(0).tolist(), "conversations": int(full.shape[0]),
+        "build_seconds": round(build_s, 1),
+    }
     for label, pipeline in candidates(args.budgets):
         stages = Stages.of(pipeline)
         started = time.perf_counter()
@@ -98,6 +106,7 @@ def measure(args) -> dict:
                      "followup": ret(slice(1, None)), "turn_correct": ok.sum(0).tolist(),
                      "kl": float(torch.cat(kls).mean()), "gpu_bytes_per_token": gpu / seen,
                      "host_bytes_per_token": host / seen, "seconds": round(seconds, 2)})
+        save({**head, "rows": rows, "partial": True})  # a long run interrupted keeps what it measured
         print(f"{label:24s} turn1 {rows[-1]['turn1']}  follow-ups {rows[-1]['followup']}  "
               f"KL {rows[-1]['kl']:.3f}  GPU {gpu / seen:.0f} B/tok  host {host / seen:.0f} B/tok  {seconds:.1f}s",
               file=sys.stderr)
@@ -116,15 +125,16 @@ def measure(args) -> dict:
             run_conversation(lm.model, b.record, b.prompts, b.answers, Stages.of(pipeline), cfg.seed)
         trial[label] = round(time.perf_counter() - started, 2)
     return {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "threads": torch.get_num_threads(), "load_avg_1m": os.getloadavg()[0], "device": "cpu",
-                    "model_dtype": "float32"},
-        "model": lm.name, "items": args.items, "turns": args.turns, "facts": args.facts, "context_tokens": args.tokens,
-        "full_correct_per_turn": full.sum(0).tolist(), "conversations": int(full.shape[0]),
-        "build_seconds": round(build_s, 1), "rows": rows,
-        "trial_seconds_default_probe": trial,
+        **head, "rows": rows, "trial_seconds_default_probe": trial,
         "default_probe": {"items": cfg.multiturn_items, "turns": cfg.multiturn_turns, "tokens": cfg.multiturn_tokens},
     }
+
+
+def save(data: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(RESULTS)
 
 
 def _pct(x: float | None) -> str:
@@ -140,7 +150,7 @@ def render(data: dict) -> str:
         f"{data['context_tokens']} context tokens, {data['facts']} competing facts each, {turns} turns. "
         f"The full cache answers {full[0]}/{n} first turns and {sum(full[1:])}/{n * (turns - 1)} follow-ups; "
         "accuracy below is over those (a turn the full cache misses does not count). Bytes: held at the end of "
-        "the conversation per token seen, all 30 layers, K+V, in the float32 the model runs in here (halve "
+        "the conversation per token seen, all layers, K+V, in the float32 the model runs in here (halve "
         "them for an fp16 deployment).",
         "",
         "| pipeline | turn 1 | follow-ups | KL (answers) | GPU bytes/token | host bytes/token |",
@@ -149,9 +159,12 @@ def render(data: dict) -> str:
     for r in data["rows"]:
         lines.append(f"| {r['label']} | {_pct(r['turn1'])} | {_pct(r['followup'])} | {r['kl']:.3f} | "
                      f"{r['gpu_bytes_per_token']:.0f} | {r['host_bytes_per_token']:.0f} |")
-    t = data["trial_seconds_default_probe"]
-    p = data["default_probe"]
-    lines += ["", f"Seconds one candidate spends on the default `recommend` probe ({p['items']} conversations x "
+    if data.get("partial"):
+        lines += ["", "(Partial run: the rows above are those measured before the run stopped.)"]
+    t = data.get("trial_seconds_default_probe")
+    p = data.get("default_probe")
+    if t and p:
+        lines += ["", f"Seconds one candidate spends on the default `recommend` probe ({p['items']} conversations x "
               f"{p['turns']} turns, {p['tokens']} tokens), same machine, load average "
               f"{data['machine']['load_avg_1m']:.1f} on {data['machine']['cores']} cores while measuring: " +
               ", ".join(f"{k} {v} s" for k, v in t.items()) + "."]
@@ -181,10 +194,7 @@ def main() -> None:
         data = json.loads(RESULTS.read_text())
     else:
         data = measure(args)
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        tmp = RESULTS.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        tmp.replace(RESULTS)
+        save(data)
     print(render(data))
     write_page(data)
 
