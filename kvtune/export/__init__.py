@@ -1,16 +1,17 @@
 """Exports: turn a pipeline into configs for the serving stacks people run.
 
-One module per stack, each pinned to the stack version it was checked against (written in the module's
-docstring and in every file it writes):
+One module per stack. What each stack and version can express, and where each fact was read, is data: the stack
+profiles ``profiles/stacks/<stack>.yaml`` (:mod:`kvtune.stacks`), which ``recommend --stack`` reads too. Each module
+targets its profile's default version (written in the module's docstring and in every file it writes):
 
 ========== ============================ ==============================================================
 target     stack (version)              files
 ========== ============================ ==============================================================
-vllm       vLLM 0.11.1                  ``vllm.yaml`` for ``vllm serve --config``
-sglang     SGLang 0.5.4                 ``sglang.yaml`` for ``python -m sglang.launch_server --config``
-trtllm     TensorRT-LLM 1.3.0rc27       ``trtllm.yaml`` for ``trtllm-serve --config`` / ``--extra_llm_api_options``
-lmcache    LMCache 0.5.6 (+ vLLM)       ``lmcache.yaml`` and ``lmcache-vllm.yaml``
-hf         transformers 5.23            ``hf_generation_config.json`` and ``hf_kvtune.py``
+vllm       vLLM 0.33.0                  ``vllm.yaml`` for ``vllm serve --config``
+sglang     SGLang 0.5.23                ``sglang.yaml`` for ``python -m sglang.launch_server --config``
+trtllm     TensorRT-LLM 1.2.1           ``trtllm.yaml`` for ``trtllm-serve --config`` / ``--extra_llm_api_options``
+lmcache    LMCache 0.5.6 (+ vLLM 0.33)  ``lmcache.yaml`` and ``lmcache-vllm.yaml``
+hf         transformers 5.24.0          ``hf_generation_config.json`` and ``hf_kvtune.py``
 kvpress    kvpress 0.5.5                ``kvpress_press.py``
 ========== ============================ ==============================================================
 

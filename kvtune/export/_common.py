@@ -166,22 +166,27 @@ def host_bytes(p: Pipeline) -> int | None:
     return derived if derived > 0 else None
 
 
-def fp8_kv_dtype(p: Pipeline, notes: "Notes", *, scale_note: str, fallback_note: str) -> tuple[str | None, bool]:
-    """The ``fp8_e4m3``/``fp8_e5m2`` KV dtype a vLLM-style stack takes for this codec (None = model dtype) and
-    whether it realizes the codec as measured. ``scale_note`` says how the stack's scales differ from kvtune's
-    (``{scale}`` is filled in); ``fallback_note`` names the nearest setting for codecs the stack lacks."""
+def profile_kv_dtype(profile: Any, p: Pipeline, notes: "Notes", *, fallback_note: str
+                     ) -> tuple[str | None, str | None, bool]:
+    """The KV dtype ``profile`` (a :class:`kvtune.stacks.StackProfile`) stores ``p.codec`` in: ``(value or None for
+    the model dtype, the attention backend that value needs or None, exact)``. ``exact``: the stack runs the codec
+    as measured (same format and scale granularity, the profile's ``kv_dtypes``). A nearest entry (another scale
+    granularity or format) is written with a note; a codec with none is not expressible (``fallback_note``)."""
     codec = p.codec
     if codec.method in IDENTITY_CODECS:
-        return None, True
-    if codec.method == "fp8":
-        fmt = str_param(codec, "fmt", "e4m3")
-        if fmt not in ("e4m3", "e5m2"):
-            notes.approximated(f"codec {codec.label()}", f"unknown fp8 format {fmt!r}, written as fp8_e4m3")
-            fmt = "e4m3"
-        notes.approximated(f"codec {codec.label()} scales", scale_note.format(scale=str_param(codec, "scale", "head")))
-        return f"fp8_{fmt}", True
-    notes.not_expressible(f"codec {codec.label()}", fallback_note)
-    return None, False
+        return None, None, True
+    entry, exact = profile.kv_dtype(codec)
+    if entry is None:
+        notes.not_expressible(f"codec {codec.label()}", fallback_note)
+        return None, None, False
+    if not exact:
+        want = ", ".join(f"{k}={v}" for k, v in entry["codec"].items() if k != "method")
+        notes.approximated(
+            f"codec {codec.label()}",
+            f"written as {entry['value']} ({want}: {entry['numerics']}); kvtune measured the codec as given, not "
+            f"this: 'kvtune recommend --stack {profile.stack}' measures what {profile.name} runs",
+        )
+    return str(entry["value"]), entry.get("attention_backend"), exact
 
 
 def codec_factor(stack_kv_dtype: str) -> float:

@@ -6,8 +6,11 @@ a model's ``generation_config.json``) and ``hf_kvtune.py`` (runs the whole pipel
 kvtune's own ``Cache``). JSON has no comments, so what the fragment leaves out is listed in the snippet's
 docstring (and on stderr).
 
-Checked against transformers 5.23.0, installed here: the tests load the fragment with ``GenerationConfig`` and
-build the ``QuantizedCache`` it names where the backend needs no extra package.
+Checked against transformers 5.24.0 (the stack profile ``profiles/stacks/hf.yaml``), installed here: the tests load the
+fragment with ``GenerationConfig`` and build the ``QuantizedCache`` it names where the backend needs no extra
+package. The snippet passes kvtune's cache as ``cache=`` (``past_key_values=`` is deprecated since 5.24); a method
+the installed kvtune cannot build (a plugin strategy not installed there) is reported and step 2 is skipped, never
+a traceback.
 
 Mapping:
 
@@ -28,10 +31,12 @@ from typing import Any
 
 from kvtune.export import _common as c
 from kvtune.pipeline import Pipeline
+from kvtune.stacks import default_profile
 
-STACK = "transformers"
-VERSION = "5.23.0"
-OPTIONS = None
+PROFILE = default_profile("hf")
+STACK = PROFILE.name
+VERSION = PROFILE.version
+OPTIONS = PROFILE.options
 CONFIG_FILENAME = "hf_generation_config.json"
 SNIPPET_FILENAME = "hf_kvtune.py"
 
@@ -147,8 +152,11 @@ def snippet(p: Pipeline, notes: c.Notes, impl: str, cache_config: dict[str, Any]
     )
     body = f'''{c.python_docstring(header)}
 
+import sys
+
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from kvtune.errors import UserError
 from kvtune.pipeline import Pipeline
 {RUNTIME_IMPORT}
 
@@ -167,12 +175,23 @@ def main() -> None:
     generation_config = GenerationConfig.from_pretrained(".", config_file_name={json.dumps(CONFIG_FILENAME)})
     plain = model.generate(**inputs, generation_config=generation_config, max_new_tokens=64)
 
-    # 2. the whole pipeline, eviction included, through kvtune's cache
-    cache = {RUNTIME_CALL}
-    full = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
-
     print(tokenizer.decode(plain[0], skip_special_tokens=True))
-    print(tokenizer.decode(full[0], skip_special_tokens=True))
+
+    # 2. the whole pipeline, eviction included, through kvtune's cache
+    cache = build_cache(model)
+    if cache is not None:
+        full = model.generate(**inputs, cache=cache, max_new_tokens=64)
+        print(tokenizer.decode(full[0], skip_special_tokens=True))
+
+
+def build_cache(model):
+    """kvtune's cache for PIPELINE, or None (with the reason on stderr) when this kvtune cannot build it, e.g. a
+    method from a plugin that is not installed here."""
+    try:
+        return {RUNTIME_CALL}
+    except (UserError, ValueError) as exc:
+        print(f"kvtune cannot run this pipeline here: {{exc}}", file=sys.stderr)
+        return None
 
 
 if __name__ == "__main__":

@@ -15,7 +15,10 @@ context the pipeline was measured at):
 * ``pyramidkv`` -> ``PyramidKVPress``; ``ada_kv`` -> ``AdaKVPress(press=SnapKVPress(...))`` (the per-head
   wrapper); ``tova`` -> ``TOVAPress``; ``knorm`` -> ``KnormPress``; ``random`` -> ``RandomPress(seed)``;
   ``sliding_window`` -> ``StreamingLLMPress(n_sink=0)``; any other method -> no press, with a note.
-* codec / placement -> the ``cache=`` argument of the kvpress pipeline, as in :mod:`kvtune.export.hf`.
+* codec / placement -> the ``cache=`` argument of the kvpress pipeline, as in :mod:`kvtune.export.hf`, for the
+  caches kvpress runs (the profile's ``caches``: quanto's QuantizedCache for ``kivi``, the offloaded
+  DynamicCache). ``fp8`` and ``int8`` are not expressible: transformers' fp8 cache needs transformers>=5.3, which
+  kvpress 0.5.5 forbids, and the hqq cache raises inside kvpress's pipeline.
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ from typing import Any
 from kvtune.export import _common as c
 from kvtune.export import hf
 from kvtune.pipeline import Pipeline, Stage
+from kvtune.stacks import default_profile
 
-STACK = "kvpress"
-VERSION = "0.5.5"
-OPTIONS = "kvpress-0.5.5.yaml"
+PROFILE = default_profile("kvpress")
+STACK = PROFILE.name
+VERSION = PROFILE.version
+OPTIONS = PROFILE.options
 FILENAME = "kvpress_press.py"
 
 
@@ -134,7 +139,22 @@ def press_call(p: Pipeline, notes: c.Notes) -> tuple[str | None, list[str]]:
 def render(p: Pipeline) -> list[c.Rendered]:
     notes = c.Notes(f"{STACK} {VERSION}")
     call, classes = press_call(p, notes)
-    impl, cache_config = hf.cache_settings(p, notes, runner="kvtune's own cache (kvtune export --to hf)")
+    runner = "kvtune's own cache (kvtune export --to hf)"
+    trial = c.Notes(notes.stack)
+    impl, cache_config = hf.cache_settings(p, trial, runner=runner)
+    kind = (cache_config or {}).get("backend", impl) if impl == "quantized" else impl
+    if kind in PROFILE.get("caches"):
+        notes.dropped += trial.dropped
+        notes.info += trial.info
+    else:  # the codec's cache does not run under kvpress: the placement alone decides the cache
+        notes.not_expressible(
+            f"codec {p.codec.label()} (transformers cache {kind})",
+            f"the model dtype: kvpress {VERSION} pins transformers{PROFILE.get('requires')['transformers']} "
+            "(no fp8 cache there) and its pipeline rewrites only quanto's quantized layers; 'kvtune export --to hf' "
+            "runs the codec with kvtune's cache",
+        )
+        impl, cache_config = hf.cache_settings(p.model_copy(update={"codec": Stage(method="fp16", params={})}), notes,
+                                               runner=runner)
     notes.note("serving switches (prefix_caching, max_model_len, gpu_memory_fraction) do not apply to kvpress")
     if impl != "dynamic":
         notes.note(

@@ -1,15 +1,18 @@
 """LMCache export: LMCache's own YAML plus the vLLM settings that plug it in.
 
 Writes ``lmcache.yaml`` (read by LMCache through ``LMCACHE_CONFIG_FILE``) and ``lmcache-vllm.yaml`` (a
-``vllm serve --config`` file with ``kv-transfer-config`` naming ``LMCacheConnectorV1``). Checked against
-LMCache 0.5.6 (``lmcache/v1/config.py``, ``_CONFIG_DEFINITIONS``, read from the 0.5.6 wheel; option list in
-``options/lmcache-0.5.6.yaml``) and, for the companion file, vLLM 0.11.1 (see :mod:`kvtune.export.vllm`).
+``vllm serve --config`` file with ``kv-transfer-config`` naming ``LMCacheConnectorV1``). Targets LMCache 0.5.6
+(the stack profile ``profiles/stacks/lmcache.yaml``; ``lmcache/v1/config.py`` ``_CONFIG_DEFINITIONS`` read from the
+0.5.6 wheel into ``options/lmcache-0.5.6.yaml``) paired with the vLLM release the profile names (0.33.0: its
+transformers range meets LMCache's ``transformers>=5.4``; vLLM 0.11.1 needs transformers<5 and cannot be installed
+with it); the companion file follows :mod:`kvtune.export.vllm`.
 
 Mapping:
 
 * placement ``offload`` -> ``chunk_size`` from the block size; ``tier: cpu`` -> ``local_cpu: true`` and
   ``max_local_cpu_size`` (GiB per rank, from host bytes); ``tier: disk`` -> ``local_disk`` (a ``file://`` path
-  to edit) and ``max_local_disk_size``. LMCache stores KV chunks for reuse and loads them back on a hit; a
+  to edit) and ``max_local_disk_size`` (without a size no disk tier is written: LMCache's default 0 disables it).
+  LMCache stores KV chunks for reuse and loads them back on a hit; a
   running request's KV stays in vLLM's GPU cache, so ``gpu_fraction``/``prefetch_depth`` have no equivalent.
 * placement ``gpu`` -> LMCache's default CPU tier, with a note: it only adds cross-request reuse.
 * codec -> LMCache stores what vLLM hands it: the KV dtype is the companion file's ``kv-cache-dtype``.
@@ -23,10 +26,12 @@ from typing import Any
 from kvtune.export import _common as c
 from kvtune.export import vllm as vllm_export
 from kvtune.pipeline import Pipeline
+from kvtune.stacks import default_profile
 
-STACK = "LMCache"
-VERSION = "0.5.6"
-OPTIONS = "lmcache-0.5.6.yaml"
+PROFILE = default_profile("lmcache")
+STACK = PROFILE.name
+VERSION = PROFILE.version
+OPTIONS = PROFILE.options
 FILENAME = "lmcache.yaml"
 VLLM_FILENAME = "lmcache-vllm.yaml"
 
@@ -46,15 +51,16 @@ def build(p: Pipeline, notes: c.Notes) -> dict[str, Any]:
         body["local_cpu"] = True
         if tier == "disk":
             body["max_local_cpu_size"] = DEFAULT_CPU_GIB
-            body["local_disk"] = DISK_PATH
-            notes.note(f"local_disk points at {DISK_PATH}: change it to a fast local disk; the CPU tier stages chunks")
             if size is None:
                 notes.not_expressible(
-                    "placement disk size (no placement.params.host_bytes and no measurements to derive it)",
-                    "max_local_disk_size: <GiB of disk>",
+                    "placement disk tier (no placement.params.host_bytes and no measurements to size it)",
+                    "local_disk + max_local_disk_size: <GiB of disk> (not written: without a size LMCache keeps no "
+                    "disk tier; the CPU tier alone is configured)",
                 )
             else:
+                body["local_disk"] = DISK_PATH
                 body["max_local_disk_size"] = c.round_gib(size)
+                notes.note(f"local_disk points at {DISK_PATH}: change it to a fast local disk; the CPU tier stages chunks")
         elif tier == "cpu":
             if size is None:
                 body["max_local_cpu_size"] = DEFAULT_CPU_GIB
@@ -116,9 +122,11 @@ def render(p: Pipeline) -> list[c.Rendered]:
     vbody = vllm_export.build(p, vnotes, force_lmcache=True)
     for key in ("kv-offloading-size", "kv-offloading-backend"):
         vbody.pop(key, None)
-    vbody["kv-transfer-config"] = c.compact_json(
-        {"kv_connector": vllm_export.LMCACHE_CONNECTOR, "kv_role": "kv_both"}
-    )
+    vbody["kv-transfer-config"] = {"kv_connector": vllm_export.LMCACHE_CONNECTOR, "kv_role": "kv_both"}
+    pair = PROFILE.get("paired_with")
+    assert pair["version"] == vllm_export.VERSION, "the LMCache profile pairs the vLLM release the vLLM export targets"
+    vnotes.note(f"install together: LMCache {VERSION} (transformers{PROFILE.get('requires')['transformers']}) and vLLM "
+                f"{vllm_export.VERSION} (transformers{vllm_export.PROFILE.get('requires')['transformers']})")
     vheader = c.header_lines(
         title="vLLM serve config with the LMCache connector, exported by kvtune", p=p, stack=vllm_export.STACK,
         version=vllm_export.VERSION, options_file=vllm_export.OPTIONS,

@@ -1,16 +1,18 @@
 """TensorRT-LLM export: LLM-API options for ``trtllm-serve <model> --config trtllm.yaml``.
 
 The same file works as ``--extra_llm_api_options trtllm.yaml`` and as keyword arguments of ``tensorrt_llm.LLM``.
-Checked against TensorRT-LLM 1.3.0rc27: the ``KvCacheConfig`` reference of that release
-(nvidia.github.io/TensorRT-LLM/1.3.0rc27/llm-api/reference/KvCacheConfig.html; option list in
-``options/trtllm-1.3.0rc27.yaml``). The PyTorch backend is assumed (the default of ``trtllm-serve``).
+Targets TensorRT-LLM 1.2.x, the stable release (the stack profile ``profiles/stacks/trtllm.yaml``; option list
+``options/trtllm-1.2.1.yaml``, recorded from the ``KvCacheConfig`` reference: PyPI has no TensorRT-LLM source).
+The PyTorch backend is assumed (the default of ``trtllm-serve``). The 1.3 release candidates add the disk tier
+(``disk_cache_size``/``disk_cache_path``, in the profile's 1.3.0rc27 entry).
 
 Mapping:
 
 * codec ``fp8`` -> ``kv_cache_config.dtype: fp8`` (e4m3; ``e5m2`` is not a KV dtype there, so it is written as
   fp8 with a note); ``int8``/``kivi`` are not expressible (int8 KV belongs to the TensorRT engine flow).
-* selection ``streaming_llm`` -> ``max_attention_window: [budget tokens]`` + ``sink_token_length: sinks``;
-  ``sliding_window`` -> ``max_attention_window``; the others are not expressible.
+* selection ``sliding_window`` -> ``max_attention_window: [budget tokens]``; ``streaming_llm`` -> the same window
+  without its sinks: ``sink_token_length`` does nothing on the PyTorch backend (NVIDIA/TensorRT-LLM#14275), so it
+  is not written and the note says the export is a plain window; the others are not expressible.
 * placement ``offload`` on ``cpu`` -> ``host_cache_size`` (bytes), ``tokens_per_block`` from the block size;
   the host cache is a secondary tier for block reuse, so ``gpu_fraction``/``prefetch_depth`` have no equivalent.
 * switches -> ``enable_block_reuse`` (prefix caching), ``max_seq_len``, ``free_gpu_memory_fraction`` (a share of
@@ -23,10 +25,12 @@ from typing import Any
 
 from kvtune.export import _common as c
 from kvtune.pipeline import Pipeline
+from kvtune.stacks import default_profile
 
-STACK = "TensorRT-LLM"
-VERSION = "1.3.0rc27"
-OPTIONS = "trtllm-1.3.0rc27.yaml"
+PROFILE = default_profile("trtllm")
+STACK = PROFILE.name
+VERSION = PROFILE.version
+OPTIONS = PROFILE.options
 FILENAME = "trtllm.yaml"
 
 
@@ -34,28 +38,12 @@ def build(p: Pipeline, notes: c.Notes) -> dict[str, Any]:
     kv: dict[str, Any] = {}
     body: dict[str, Any] = {}
 
-    codec = p.codec
-    codec_exact = True
-    kv_dtype = "auto"
-    if codec.method == "fp8":
-        fmt = c.str_param(codec, "fmt", "e4m3")
-        kv_dtype = "fp8"
-        if fmt != "e4m3":
-            notes.approximated(f"codec {codec.label()}", f"TensorRT-LLM's fp8 KV is e4m3; fmt={fmt} written as fp8 (e4m3)")
-            codec_exact = False
-        scale = c.str_param(codec, "scale", "head")
-        notes.approximated(
-            f"codec {codec.label()} scales",
-            f"TensorRT-LLM uses per-tensor KV scales from the quantized checkpoint (scale={scale} is finer); "
-            "an unquantized checkpoint gets scale 1.0",
-        )
-    elif codec.method not in c.IDENTITY_CODECS:
-        notes.not_expressible(
-            f"codec {codec.label()}",
-            "kv_cache_config.dtype: fp8 (not applied: kvtune did not measure its quality); the KV stays in the "
-            "model dtype",
-        )
-        codec_exact = False
+    value, _, codec_exact = c.profile_kv_dtype(
+        PROFILE, p, notes,
+        fallback_note=("kv_cache_config.dtype: fp8 (not applied: kvtune did not measure its quality); the KV stays "
+                       "in the model dtype"),
+    )
+    kv_dtype = value or "auto"
     kv["dtype"] = kv_dtype
 
     sel = p.selection
@@ -74,15 +62,21 @@ def build(p: Pipeline, notes: c.Notes) -> dict[str, Any]:
             if ctx:
                 kept_fraction = min(1.0, tokens / ctx)
             sinks = c.int_param(sel, "sinks", 0) or 0
+            sel_exact = True
             if sel.method == "streaming_llm" and sinks > 0:
-                kv["sink_token_length"] = sinks
+                window = PROFILE.get("window") or {}
+                if window.get("sinks"):
+                    kv["sink_token_length"] = sinks
+                else:
+                    notes.approximated(f"selection {sel.label()}", f"sinks={sinks} dropped: {window.get('note')}; "
+                                       "this is a plain sliding window, which kvtune did not measure")
+                    sel_exact = False
             if how:
                 notes.approximated(f"selection {sel.label()} budget", how)
             notes.note(
-                "max_attention_window bounds every layer to the most recent tokens, sink_token_length keeps the "
-                "first tokens; blocks of such a cyclic window are not reused across requests"
+                "max_attention_window bounds every layer to the most recent tokens; blocks of such a cyclic window "
+                "are not reused across requests"
             )
-            sel_exact = True
         extra = sorted(set(sel.params) - {"budget", "sinks", "window"})
         if extra:
             notes.approximated(
@@ -113,6 +107,10 @@ def build(p: Pipeline, notes: c.Notes) -> dict[str, Any]:
                 )
             else:
                 kv["host_cache_size"] = int(size)
+        elif tier == "disk" and not PROFILE.get("disk_tier"):
+            notes.not_expressible(f"placement tier disk in {STACK} {VERSION}",
+                                  "kv_cache_config.host_cache_size (host memory); the 1.3 release candidates add "
+                                  "disk_cache_size / disk_cache_path")
         else:
             notes.not_expressible(f"placement tier {tier!r}", "kv_cache_config.host_cache_size (host memory)")
         g = c.float_param(place, "gpu_fraction")
@@ -136,7 +134,7 @@ def build(p: Pipeline, notes: c.Notes) -> dict[str, Any]:
     # a StreamingLLM window realizes the measured memory too, when the budget mapped to tokens
     exact = codec_exact and sel_exact and place.method == "gpu"
     seqs, how = c.stack_capacity(p, exact=exact, stack_kv_dtype="fp8" if kv_dtype == "fp8" else "auto",
-                                 kept_fraction=kept_fraction if sel_exact else 1.0)
+                                 kept_fraction=kept_fraction)
     if seqs is not None:
         body["max_batch_size"] = seqs
     notes.note(f"max_batch_size: {how}")

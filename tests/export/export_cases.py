@@ -137,11 +137,11 @@ def check_value(key: str, value: Any, spec: dict[str, Any]) -> list[str]:
             problems.append(f"{key}: expected a list of ints, got {value!r}")
         elif len(value) < spec.get("min_len", 0):
             problems.append(f"{key}: list shorter than {spec['min_len']}")
-    elif kind == "json":
+    elif kind == "json":  # a JSON string, or a nested map (vLLM >= 0.33's loader turns a map into JSON)
         try:
-            parsed = json.loads(value)
+            parsed = value if isinstance(value, dict) else json.loads(value)
         except (TypeError, ValueError):
-            return [f"{key}: expected a JSON string, got {value!r}"]
+            return [f"{key}: expected a JSON string or a map, got {value!r}"]
         for field in spec.get("required_fields", []):
             if field not in parsed:
                 problems.append(f"{key}: JSON lacks {field!r}")
@@ -161,6 +161,10 @@ def check_value(key: str, value: Any, spec: dict[str, Any]) -> list[str]:
         problems.append(f"{key}: {value!r} must be one of {spec['only']} (a false flag is dropped by the loader)")
     if "min" in spec and isinstance(value, (int, float)) and value < spec["min"]:
         problems.append(f"{key}: {value!r} below {spec['min']}")
+    if "min_exclusive" in spec and isinstance(value, (int, float)) and value <= spec["min_exclusive"]:
+        problems.append(f"{key}: {value!r} not above {spec['min_exclusive']}")
+    if "max_exclusive" in spec and isinstance(value, (int, float)) and value >= spec["max_exclusive"]:
+        problems.append(f"{key}: {value!r} not below {spec['max_exclusive']}")
     if "max" in spec and isinstance(value, (int, float)) and value > spec["max"]:
         problems.append(f"{key}: {value!r} above {spec['max']}")
     if spec.get("power_of_two") and isinstance(value, int) and (value < 2 or value & (value - 1)):

@@ -153,12 +153,10 @@ def test_hf_snippet_runs_with_kvtune_runtime(case: str) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from kvtune.errors import UserError
-
     from kvtune.export import hf
 
     text = _files("hf", case)["hf_kvtune.py"]
-    assert f"cache = {hf.RUNTIME_CALL}" in text
+    assert f"return {hf.RUNTIME_CALL}" in text
     namespace: dict = {"__name__": "hf_kvtune"}
     exec(compile(text, "hf_kvtune.py", "exec"), namespace)
     namespace["register_attention"]()
@@ -167,11 +165,27 @@ def test_hf_snippet_runs_with_kvtune_runtime(case: str) -> None:
                          intermediate_size=64, vocab_size=128, head_dim=16)
     model = LlamaForCausalLM(config).eval()
     model.set_attn_implementation("kvtune")
-    try:
-        cache = eval(hf.RUNTIME_CALL, namespace, {"model": model})  # the snippet's own expression
-    except UserError as exc:
-        pytest.skip(f"kvtune's runtime cannot build this pipeline yet: {exc}")
+    cache = namespace["build_cache"](model)  # the snippet's own function
+    assert cache is not None
     ids = torch.randint(0, 128, (1, 40))
     out = model.generate(input_ids=ids, cache=cache, max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 43)
     assert cache.get_seq_length() == 42
+
+
+def test_hf_snippet_reports_a_method_kvtune_cannot_build(capsys) -> None:
+    """Issue 12: hf_kvtune.py crashed for methods the installed kvtune does not know; it now says so and skips the
+    kvtune step (transformers' own settings still run)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvtune.pipeline import Stage
+
+    namespace: dict = {"__name__": "hf_kvtune"}
+    exec(compile(_files("hf", "identity")["hf_kvtune.py"], "hf_kvtune.py", "exec"), namespace)
+    namespace["PIPELINE"] = namespace["PIPELINE"].model_copy(
+        update={"selection": Stage(method="not_installed_here", params={})})
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                         intermediate_size=64, vocab_size=128, head_dim=16)
+    assert namespace["build_cache"](LlamaForCausalLM(config)) is None
+    err = capsys.readouterr().err
+    assert "kvtune cannot run this pipeline here" in err and "not_installed_here" in err and "Traceback" not in err

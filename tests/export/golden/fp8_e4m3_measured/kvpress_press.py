@@ -7,15 +7,13 @@ model: llama-3.1-8b (meta-llama/Llama-3.1-8B-Instruct; 32 layers, 8 KV heads, he
 run: python kvpress_press.py  (needs kvpress 0.5.5 and the transformers it pins)
 
 LEFT OUT OR CHANGED (kvpress 0.5.5 cannot express them):
-  - codec fp8(fmt=e4m3,scale=head) scales: approximated in kvpress 0.5.5: one per-tensor scale per layer, frozen at the first update (scale=head is finer)
+  - codec fp8(fmt=e4m3,scale=head) (transformers cache fp8): not expressible in kvpress 0.5.5; nearest supported: the model dtype: kvpress 0.5.5 pins transformers>=4.56.0,<5.3 (no fp8 cache there) and its pipeline rewrites only quanto's quantized layers; 'kvtune export --to hf' runs the codec with kvtune's cache
 
 Notes:
   - serving switches (prefix_caching, max_model_len, gpu_memory_fraction) do not apply to kvpress
-  - the cache= line follows transformers 5.23.0; kvpress 0.5.5 pins transformers<5.3, whose cache classes may take other arguments (check before running)
 """
 
 from transformers import pipeline
-from transformers import QuantizedCache
 import kvpress  # noqa: F401  (registers the kv-press-text-generation pipeline)
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -25,7 +23,7 @@ press = None  # no kvpress press expresses this selection
 
 def main() -> None:
     pipe = pipeline("kv-press-text-generation", model=MODEL, device_map="auto", dtype="auto")
-    cache = QuantizedCache(backend="fp8", config=pipe.model.config)
+    cache = None  # the model's default cache
     context = "A long document whose KV cache the press compresses."
     question = "What is the document about?"
     answer = pipe(context, question=question, press=press, cache=cache)["answer"]

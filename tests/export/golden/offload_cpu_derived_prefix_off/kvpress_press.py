@@ -9,7 +9,7 @@ LEFT OUT OR CHANGED (kvpress 0.5.5 cannot express them):
 
 Notes:
   - serving switches (prefix_caching, max_model_len, gpu_memory_fraction) do not apply to kvpress
-  - the cache= line follows transformers 5.23.0; kvpress 0.5.5 pins transformers<5.3, whose cache classes may take other arguments (check before running)
+  - the cache= line follows transformers 5.24.0; kvpress 0.5.5 pins transformers<5.3, whose cache classes may take other arguments (check before running)
 """
 
 from transformers import pipeline

@@ -7,15 +7,13 @@ run: python kvpress_press.py  (needs kvpress 0.5.5 and the transformers it pins)
 
 LEFT OUT OR CHANGED (kvpress 0.5.5 cannot express them):
   - selection streaming_llm(budget=1024,sinks=4) budget: approximated in kvpress 0.5.5: budget 1024 tokens = 0.25 of the 4096-token context it was measured at
-  - codec int8(group_size=64): approximated in kvpress 0.5.5: transformers' QuantizedCache (hqq, 8 bits) groups along one axis and keeps the newest 128 tokens in full precision (residual_length default); needs hqq installed
+  - codec int8(group_size=64) (transformers cache hqq): not expressible in kvpress 0.5.5; nearest supported: the model dtype: kvpress 0.5.5 pins transformers>=4.56.0,<5.3 (no fp8 cache there) and its pipeline rewrites only quanto's quantized layers; 'kvtune export --to hf' runs the codec with kvtune's cache
 
 Notes:
   - serving switches (prefix_caching, max_model_len, gpu_memory_fraction) do not apply to kvpress
-  - the cache= line follows transformers 5.23.0; kvpress 0.5.5 pins transformers<5.3, whose cache classes may take other arguments (check before running)
 """
 
 from transformers import pipeline
-from transformers import QuantizedCache
 from kvpress import StreamingLLMPress
 
 MODEL = "<model id or local path>"
@@ -25,7 +23,7 @@ press = StreamingLLMPress(compression_ratio=0.75, n_sink=4)
 
 def main() -> None:
     pipe = pipeline("kv-press-text-generation", model=MODEL, device_map="auto", dtype="auto")
-    cache = QuantizedCache(backend="hqq", config=pipe.model.config, nbits=8, q_group_size=64, axis_key=1, axis_value=1)
+    cache = None  # the model's default cache
     context = "A long document whose KV cache the press compresses."
     question = "What is the document about?"
     answer = pipe(context, question=question, press=press, cache=cache)["answer"]
