@@ -148,9 +148,9 @@ def render(data: dict) -> str:
         f"Measured by `benchmarks/multiturn.py` on {data['model']} ({data['machine']['device']}, "
         f"{data['machine']['model_dtype']}, {data['machine']['cores']} cores): {n} conversations of "
         f"{data['context_tokens']} context tokens, {data['facts']} competing facts each, {turns} turns. "
-        + (f"The full cache answers {full[0]}/{n} first turns and {sum(full[1:])}/{n * (turns - 1)} follow-ups; "
+        + (f"The full cache answers {full[0]}/{n} first turns and {sum(full[1:])}/{n * (turns - 1)} follow-ups. "
            if full else "") +
-        "accuracy below is over the turns the full cache answers (a turn it misses does not count). Bytes: "
+        "Accuracy below is over the turns the full cache answers (a turn it misses does not count). Bytes: "
         "held at the end of the conversation per token seen, all layers, K+V, in the float32 the model runs in here (halve "
         "them for an fp16 deployment).",
         "",
