@@ -19,38 +19,63 @@ def _speed(p: Pipeline) -> tuple[str, str, str, str]:
     return f"{sv.tokens_per_s:,.1f}", f"{sv.tpot_ms:,.2f}", f"{sv.ttft_ms:,.0f}", f"{sv.batch:,}"
 
 
-def front_table(front: list[Pipeline], recommended: Pipeline | None, max_loss: float | None = None,
-                title: str = "Pareto front") -> Table:
+def front_rows(front: list[Pipeline], recommended: Pipeline | None,
+               max_loss: float | None = None) -> tuple[str, list[tuple[str, str]], list[tuple[str, ...]]]:
+    """The Pareto front's figures: (serving target, [(column, justify)], rows); the table and the Markdown report
+    both render these."""
     target = next((p.measured.serving for p in front if p.measured and p.measured.serving), None)
     at = f" @ {target.tpot_target_ms:g} ms" if target is not None and target.tpot_target_ms else ""
-    table = Table(title=title + (f" - serving figures for {target.target}" if target is not None else ""))
-    for col, just in (("", "left"), ("pipeline", "left"), ("quality loss", "right"), ("KL", "right"),
-                      ("top-1", "right"), ("passkey", "right"), ("follow-ups", "right"), ("bytes/token", "right"), ("x smaller", "right"),
-                      (f"tokens/s{at}", "right"), ("TPOT ms", "right"), ("TTFT ms", "right"), ("batch", "right")):
-        table.add_column(col, justify=just, overflow="fold")  # type: ignore[arg-type]
+    columns = [("", "left"), ("pipeline", "left"), ("quality loss", "right"), ("KL", "right"),
+               ("top-1", "right"), ("passkey", "right"), ("follow-ups", "right"), ("bytes/token", "right"),
+               ("x smaller", "right"), (f"tokens/s{at}", "right"), ("TPOT ms", "right"), ("TTFT ms", "right"),
+               ("batch", "right")]
+    rows = []
     for p in front:
         m = p.measured
         assert m is not None
         mark = "*" if recommended is not None and p.label() == recommended.label() else ""
         if max_loss is not None and m.quality.quality_loss > max_loss + 1e-12:
             mark += " (over loss)"
-        table.add_row(
+        rows.append((
             mark, p.label(), f"{m.quality.quality_loss:.4f}", f"{m.quality.kl_mean:.4f}",
             _pct(m.quality.top1_agreement), _pct(m.quality.passkey_accuracy), _pct(m.quality.followup_retention),
             f"{m.cost.bytes_per_token:,.0f}",
             f"{m.cost.compression_ratio:.2f}", *_speed(p),
-        )
+        ))
+    return (target.target if target is not None else ""), columns, rows
+
+
+def front_table(front: list[Pipeline], recommended: Pipeline | None, max_loss: float | None = None,
+                title: str = "Pareto front") -> Table:
+    target, columns, rows = front_rows(front, recommended, max_loss)
+    table = Table(title=title + (f" - serving figures for {target}" if target else ""))
+    for col, just in columns:
+        table.add_column(col, justify=just, overflow="fold")  # type: ignore[arg-type]
+    for row in rows:
+        table.add_row(*row)
     return table
+
+
+SIDE_BY_SIDE_COLUMNS = (("figure", "left"), ("recommended", "right"), ("full cache", "right"), ("source", "left"))
 
 
 def side_by_side(best: Pipeline, full: Pipeline) -> Table:
     """The recommendation and the full cache on the target, each figure with its provenance."""
+    title, rows = side_by_side_rows(best, full)
+    table = Table(title=title)
+    for col, just in SIDE_BY_SIDE_COLUMNS:
+        table.add_column(col, justify=just, overflow="fold")  # type: ignore[arg-type]
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def side_by_side_rows(best: Pipeline, full: Pipeline) -> tuple[str, list[tuple[str, str, str, str]]]:
+    """(title, rows) of :func:`side_by_side`: figure, recommended, full cache, source."""
     b, f = best.measured.serving, full.measured.serving  # type: ignore[union-attr]
     assert b is not None and f is not None
-    table = Table(title=f"On {b.target} over the workload (TPOT target {b.tpot_target_ms:g} ms)"
-                  if b.tpot_target_ms else f"On {b.target} over the workload")
-    for col, just in (("figure", "left"), ("recommended", "right"), ("full cache", "right"), ("source", "left")):
-        table.add_column(col, justify=just, overflow="fold")  # type: ignore[arg-type]
+    title = (f"On {b.target} over the workload (TPOT target {b.tpot_target_ms:g} ms)"
+             if b.tpot_target_ms else f"On {b.target} over the workload")
 
     def src(key: str) -> str:
         return b.provenance.get(key, "-")
@@ -70,9 +95,7 @@ def side_by_side(best: Pipeline, full: Pipeline) -> Table:
          f"{_pct(f.hit_rate_device)} / {_pct(f.hit_rate_lower)}", src("hit_rates")),
         ("decode context, tokens", f"{b.decode_context:,.0f}", f"{f.decode_context:,.0f}", src("decode_context")),
     ]
-    for row in rows:
-        table.add_row(*row)
-    return table
+    return title, rows
 
 
 def multiturn_lines(q) -> list[str]:

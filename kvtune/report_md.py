@@ -1,0 +1,304 @@
+"""``recommend --report DIR``: a report people read — Markdown, the Pareto front and the workload as PNGs.
+
+The folder holds ``report.md``, ``pareto.png`` (quality loss against output tokens/s — time to first token for
+a scenario that prefers it — and against KV bytes per token; every trial, the Pareto front, the recommended
+point marked, the scenario's quality-loss ceiling drawn) and ``workload.png`` (the workload's context-length
+histogram from the profile's power-of-two buckets). The tables are :mod:`kvtune.report`'s rows (the same figures
+the terminal shows), each serving figure with its provenance; nothing is computed here a second time.
+
+The folder is written whole: staged in a hidden sibling folder, then renamed into place, so a killed run leaves
+no half report under DIR. An existing DIR is replaced only when it is a report kvtune wrote (it holds the
+:data:`MARKER` file) or empty, else only with ``--force``. matplotlib is optional (``pip install kvtune[plot]``):
+:func:`check_report_dir` says so in one line before any model loads.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvtune.errors import UserError, printable
+from kvtune.io import STAGE_MARK, can_create_in, current_umask, new_file_mode, remove_stale_stages, show
+from kvtune.pipeline import Pipeline
+from kvtune.report import SIDE_BY_SIDE_COLUMNS, front_rows, measured_lines, side_by_side_rows
+from kvtune.scenarios import Scenario
+from kvtune.search import objectives, pareto_front
+from kvtune.storage import parse_storage
+
+MARKER = ".kvtune-report"  # present in every report folder kvtune writes
+FILES = ("report.md", "pareto.png", "workload.png")
+
+
+def check_report_dir(path: Path, force: bool) -> None:
+    """Fail early (before the model loads): matplotlib missing, DIR a file, DIR a folder kvtune did not write
+    (without ``--force``), or nowhere to create it."""
+    if str(path) == "":
+        raise UserError("--report: empty path")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UserError("--report: needs matplotlib (pip install 'kvtune[plot]')")
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--report {show(path)}: is a file, expected a folder")
+    if path.is_dir() and not force and not (path / MARKER).exists() and any(path.iterdir()):
+        raise UserError(f"--report {show(path)}: exists and is not a report kvtune wrote; pass --force to replace it")
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise UserError(f"--report {show(path)}: folder {show(parent)} does not exist")
+    if not can_create_in(parent):
+        raise UserError(f"--report {show(path)}: folder {show(parent)} is not writable")
+
+
+@dataclass
+class ReportInput:
+    """What the report shows: every measured trial of the study and the scenario's pick."""
+
+    trials: list[Pipeline]
+    best: Pipeline  # with provenance
+    feasible: bool
+    scenario: Scenario
+    workload: Any  # kvtune.profile.schema.WorkloadProfile | None
+    study: str
+    storage: str  # already redacted
+    rejected: int = 0
+
+
+def _cell(text: str) -> str:
+    return printable(str(text), 300).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(columns: list[tuple[str, str]] | tuple[tuple[str, str], ...], rows: list[tuple[str, ...]]) -> str:
+    head = "| " + " | ".join(_cell(c) or " " for c, _ in columns) + " |"
+    rule = "| " + " | ".join("---:" if just == "right" else "---" for _, just in columns) + " |"
+    body = ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join([head, rule, *body])
+
+
+def _speed_axis(prefer: str) -> tuple[str, float]:
+    """(label, sign) of the speed objective as plotted: tokens/s (objective is minus it) or TTFT."""
+    return ("time to first token, ms (lower is better)", 1.0) if prefer == "ttft" else \
+        ("output tokens/s at the TPOT target (higher is better)", -1.0)
+
+
+def pareto_png(inp: ReportInput) -> bytes:
+    """Two panels: quality loss vs speed and vs KV bytes per token; all trials, the front, the pick, the ceiling."""
+    from matplotlib.figure import Figure  # deferred: matplotlib is optional and slow to import
+
+    prefer = inp.scenario.prefer
+    measured = [p for p in inp.trials if p.measured is not None]
+    front = {p.label() for p in pareto_front(measured, prefer)}
+    speed_label, sign = _speed_axis(prefer)
+    sv = inp.best.measured.serving if inp.best.measured else None  # type: ignore[union-attr]
+    fig = Figure(figsize=(11, 4.6), dpi=110)
+    axes = fig.subplots(1, 2, sharey=True)
+    ceiling = inp.scenario.max_quality_loss
+    for ax, index, xlabel in ((axes[0], 1, speed_label), (axes[1], 2, "KV bytes per token (lower is better)")):
+        pts = [(objectives(p, prefer), p) for p in measured]
+        xs = [(sign * o[index] if index == 1 else o[index]) for o, _ in pts]
+        ys = [o[0] for o, _ in pts]
+        on = [i for i, (_, p) in enumerate(pts) if p.label() in front]
+        ax.scatter(xs, ys, s=22, c="#9aa5b1", label="trial", zorder=2)
+        ax.scatter([xs[i] for i in on], [ys[i] for i in on], s=40, c="#1f77b4", label="Pareto front", zorder=3)
+        bo = objectives(inp.best, prefer)
+        bx = sign * bo[1] if index == 1 else bo[2]
+        ax.scatter([bx], [bo[0]], s=260, marker="*", c="#d62728", edgecolors="black", linewidths=0.6,
+                   label="recommended", zorder=4)
+        ax.axhline(ceiling, color="#d62728", linestyle="--", linewidth=1,
+                   label=f"{inp.scenario.name} ceiling {ceiling:g}")
+        ax.set_xlabel(xlabel)
+        ax.set_yscale("symlog", linthresh=min(0.01, ceiling))
+        ax.grid(True, alpha=0.3)
+        if index == 2:
+            ax.set_xscale("log")
+    axes[0].set_ylabel("quality loss vs the full cache (lower is better)")
+    axes[0].legend(loc="best", fontsize=8)
+    where = f"serving model for {sv.target}" if sv is not None else "no serving figures"
+    fig.suptitle(f"{inp.scenario.name}: {len(measured)} trials, {len(front)} on the front ({where}; quality measured "
+                 "on the model)", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def workload_png(workload: Any, context_tokens: int | None) -> bytes:
+    """The workload's context-length histogram (total and prompt tokens per request, power-of-two buckets)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.8), dpi=110)
+    ax = fig.subplots()
+    for stats, label, color, second in ((workload.total_tokens, "context (prompt + output)", "#1f77b4", False),
+                                        (workload.input_tokens, "prompt", "#ff7f0e", True)):
+        buckets = stats.histogram
+        if not buckets:
+            continue
+        # each bucket [lo, hi) split at its geometric middle (the middle on the log axis): context left, prompt right
+        edges = [(max(b.lo, 1), (max(b.lo, 1) * b.hi) ** 0.5, b.hi) for b in buckets]
+        lefts = [mid if second else lo for lo, mid, _ in edges]
+        widths = [(hi - mid) if second else (mid - lo) for lo, mid, hi in edges]
+        shares = [b.count / stats.count for b in buckets]
+        ax.bar(lefts, shares, width=widths, align="edge", color=color, alpha=0.9, label=label,
+               edgecolor="white", linewidth=0.5)
+    t = workload.total_tokens
+    for value, name in ((t.p50, "p50"), (t.p90, "p90"), (t.p99, "p99")):
+        ax.axvline(max(value, 1), color="#444444", linestyle=":", linewidth=1)
+        ax.text(max(value, 1), ax.get_ylim()[1] * 0.95, f" {name}", fontsize=8, va="top")
+    if context_tokens:
+        ax.axvline(context_tokens, color="#d62728", linestyle="--", linewidth=1,
+                   label=f"cost measured at {context_tokens:,} tokens")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens per request")
+    ax.set_ylabel("share of requests")
+    ax.set_title(printable(f"workload {workload.name}: {workload.requests:,} requests", 100), fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+BUCKETS_HOOK = "<!-- kvtune:buckets -->"
+
+
+def buckets_section(best: Pipeline) -> list[str]:
+    """The per-length-bucket table when the pipeline routes by prompt length, else the marked hook."""
+    lines = ["## Per length bucket", "", BUCKETS_HOOK]
+    if not best.buckets:
+        return lines + ["One pipeline serves every length: this recommendation has no `buckets` section "
+                        "(`kvtune recommend --buckets auto` recommends one pipeline per prompt-length bucket).", ""]
+    rows, low = [], 0
+    for b in best.buckets:
+        m = b.measured
+        bound = f"{low + 1:,}..{b.max_input_tokens:,}" if b.max_input_tokens else f"> {low:,}"
+        rows.append((bound, "-" if b.share is None else f"{b.share:.0%}",
+                     "-" if b.measured_at_tokens is None else f"{b.measured_at_tokens:,}", b.label(),
+                     "-" if m is None else f"{m.quality.quality_loss:.4f}",
+                     "-" if m is None or m.serving is None else f"{m.serving.tokens_per_s:,.0f}",
+                     "-" if m is None else f"{m.cost.bytes_per_token:,.0f}"))
+        low = b.max_input_tokens or low
+    cols = [("prompt tokens", "left"), ("requests", "right"), ("quality measured at", "right"),
+            ("pipeline", "left"), ("quality loss", "right"), ("tokens/s", "right"), ("bytes/token", "right")]
+    return lines + ["A prompt runs the first bucket whose bound holds.", "", _md_table(cols, rows), ""]
+
+
+def provenance_lines(inp: ReportInput) -> list[str]:
+    """Where every figure came from: quality (measured on the model), bytes, each serving figure, the workload."""
+    best = inp.best
+    m = best.measured
+    assert m is not None
+    prov = best.provenance
+    model = prov.model.name if prov is not None and prov.model is not None else "the model"
+    hw = prov.hardware if prov is not None else None
+    lines = [f"- **quality** (loss, KL, top-1, probes): measured: {model} run with the pipeline against the full cache "
+             f"({m.quality.eval_tokens:,} evaluation tokens; the trial's kernels ran on {m.cost.device})",
+             f"- **bytes per token, capacity**: measured: the stored form at the target's shapes "
+             f"({m.cost.backend} on {m.cost.device})"]
+    if m.cost.decode_latency_ms is not None:
+        lines.append(f"- **attention ms/step**: measured: {m.cost.backend} on {m.cost.device}")
+    if m.serving is not None:
+        lines += [f"- **{k}**: {v}" for k, v in m.serving.provenance.items()]
+    if hw is not None:
+        lines.append(f"- **hardware** {hw.name}: {hw.source}")
+    if inp.workload is not None:
+        w = inp.workload
+        lines.append(f"- **workload histogram** {w.name}: {w.requests:,} requests read from {w.source} "
+                     f"(token counts: {w.token_counts})")
+    return [printable(line, 600) for line in lines]
+
+
+def render_markdown(inp: ReportInput) -> str:
+    best, scen = inp.best, inp.scenario
+    m = best.measured
+    assert m is not None
+    measured = [p for p in inp.trials if p.measured is not None]
+    front = pareto_front(measured, scen.prefer)
+    prov = best.provenance
+    full = next((p for p in measured if p.is_identity()), None)
+    out = [f"# kvtune report: {_cell(scen.name)}", "",
+           f"Study `{_cell(inp.study)}` in `{_cell(inp.storage)}`: {len(measured)} measured trials"
+           f"{f', {inp.rejected} rejected before running' if inp.rejected else ''}. Scenario {_cell(scen.name)}: "
+           f"{_cell(scen.summary)}; quality-loss ceiling {scen.max_quality_loss:g}; prefers {scen.prefer}.", ""]
+    if prov is not None:
+        bits = [f"kvtune {prov.kvtune_version}", f"created {prov.created}"]
+        if prov.model is not None:
+            bits.append(f"model {prov.model.name} ({prov.model.layers} layers, {prov.model.kv_heads} KV heads, "
+                        f"head dim {prov.model.head_dim})")
+        if prov.hardware is not None:
+            bits.append(f"hardware {prov.hardware.name} ({prov.hardware.source})")
+        if prov.workload is not None:
+            bits.append(f"workload {prov.workload.name}")
+        out += [_cell("; ".join(bits)), ""]
+    out += ["## Recommendation", "",
+            f"**{_cell(best.label())}** — {'meets' if inp.feasible else 'MISSES'} the scenario's quality-loss ceiling "
+            f"({scen.max_quality_loss:g}).", "", "```text", *measured_lines(best), "```", ""]
+    out += ["## Pareto front", "", "![Pareto front](pareto.png)", "",
+            "Grey: every measured trial; blue: the Pareto front (quality loss, speed, bytes per token); red star: the "
+            "recommendation; dashed line: the scenario's quality-loss ceiling. Quality is measured on the model; "
+            "speed and bytes are the serving model's figures for the target (sources below).", ""]
+    target, columns, rows = front_rows(front, best, scen.max_quality_loss)
+    out += [_md_table(columns, rows), "", "`*` recommended; `(over loss)` above the ceiling.", ""]
+    if full is not None and full.measured is not None and full.measured.serving is not None and m.serving is not None:
+        title, srows = side_by_side_rows(best, full)
+        out += [f"## {_cell(title)}", "", _md_table(SIDE_BY_SIDE_COLUMNS, srows), ""]
+    out += buckets_section(best)
+    if inp.workload is not None:
+        w = inp.workload
+        t = w.total_tokens
+        out += ["## Workload", "", "![Workload context lengths](workload.png)", "",
+                _cell(f"{w.requests:,} requests from {w.source}: context p50 {t.p50:,}, p90 {t.p90:,}, p99 {t.p99:,} "
+                      f"tokens" + (f"; prefix reuse {w.prefix_reuse_ratio:.0%}" if w.prefix_reuse_ratio is not None
+                                   else "") + "."), ""]
+    out += ["## Where each figure comes from", "", *provenance_lines(inp), "",
+            "## Browse the study", "",
+            "The study is an ordinary Optuna study; `optuna-dashboard` reads it (every trial's measured pipeline is "
+            "in its user attributes):", "", "```bash", "pip install optuna-dashboard",
+            f"optuna-dashboard {dashboard_arg(inp.storage)}", "```", ""]
+    if "***" in inp.storage:
+        out += ["(the password is not written here: put it back in the URL).", ""]
+    return "\n".join(out)
+
+
+def dashboard_arg(storage: str) -> str:
+    """What ``optuna-dashboard`` takes for a storage: the file for a journal, else the URL (already redacted)."""
+    spec = parse_storage(storage)
+    return _cell(str(spec.file) if spec.kind == "journal" and spec.file is not None else storage)
+
+
+def write_report(folder: Path, inp: ReportInput, *, force: bool) -> Path:
+    """Write the report folder atomically (staged, then renamed into place); returns ``folder/report.md``."""
+    check_report_dir(folder, force)
+    context = inp.best.measured.cost.context_tokens if inp.best.measured else None
+    files: dict[str, bytes] = {"report.md": render_markdown(inp).encode("utf-8"), "pareto.png": pareto_png(inp)}
+    if inp.workload is not None:
+        files["workload.png"] = workload_png(inp.workload, context)
+    parent = folder.resolve().parent
+    prefix = f".{folder.name}{STAGE_MARK}"
+    remove_stale_stages(parent, prefix=prefix)
+    stage = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
+    old: Path | None = None
+    try:
+        mode = new_file_mode()
+        for name, data in {**files, MARKER: b"written by kvtune recommend --report\n"}.items():
+            fd = os.open(stage / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.fchmod(fd, mode)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+        os.chmod(stage, 0o777 & ~current_umask())
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-old-", dir=parent))
+            os.rename(folder, old / "previous")
+        os.rename(stage, folder)
+    except OSError as exc:
+        shutil.rmtree(stage, ignore_errors=True)
+        if old is not None and not folder.exists() and (old / "previous").exists():
+            os.rename(old / "previous", folder)  # put the earlier report back
+        raise UserError(f"--report {show(folder)}: cannot write the report ({exc.strerror})") from None
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return folder / "report.md"
