@@ -40,6 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "strategies": ("kvtune.commands.listing", "strategies"),
     "profile": ("kvtune.profile.command", "profile"),
     "export": ("kvtune.commands.export", "export"),
+    "worker": ("kvtune.commands.worker", "worker"),
 }
 
 

@@ -129,14 +129,20 @@ def measure(ctx: SearchContext, pipeline: Pipeline, trial_number: int | None = N
     return pipeline.model_copy(update={"measured": measured})
 
 
-def eval_fingerprint(ctx: SearchContext, model_source: str) -> str:
-    """What must not change between runs of one study: model, evaluation set, cost setup, scenario."""
+def fingerprint_fields(ctx: SearchContext, model_source: str) -> dict[str, Any]:
+    """What must not change between runs (and workers) of one study: model, evaluation set, cost setup, scenario.
+    Stored on the study (``fingerprint_fields``) so a refused worker can say which one differs."""
     t = ctx.target
     doc = {"model": model_source, "eval": ctx.eval_config.__dict__, "scenario": ctx.scenario.name,
            "stack": ctx.scenario.stack.spec if ctx.scenario.stack is not None else None,
            "spec": t.spec.name, "context": t.cost.context_tokens, "hardware": t.hardware.name, "tpot": t.tpot_requested,
            "workload": t.workload.name if t.workload is not None else None}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json.loads(json.dumps(doc, sort_keys=True, default=str))
+
+
+def eval_fingerprint(ctx: SearchContext, model_source: str) -> str:
+    """A short hash of :func:`fingerprint_fields`: a study refuses runs whose hash differs."""
+    return hashlib.sha256(json.dumps(fingerprint_fields(ctx, model_source), sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -205,16 +211,36 @@ def choose(pipelines: list[Pipeline], scenario: Scenario) -> tuple[Pipeline | No
     return min(front, key=key), True
 
 
+def _measured(study: Any, study_name: str, known: dict[str, Pipeline]) -> dict[str, Pipeline]:
+    """The study's completed, measured pipelines by label that ``known`` does not hold yet (checked as loaded)."""
+    import optuna
+
+    found: dict[str, Pipeline] = {}
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if ATTR_PIPELINE in t.user_attrs:
+            where = f"study '{printable(study_name)}' trial {t.number}"
+            p = Pipeline.from_dict(t.user_attrs[ATTR_PIPELINE], where=where)
+            if p.label() not in known and p.label() not in found:
+                validate_pipeline(p, where=where)
+                found[p.label()] = p
+    return found
+
+
 def run_study(ctx: SearchContext, *, trials: int, storage: str, study_name: str, model_source: str,
-              on_trial: Callable[[int, Pipeline | None, str], None] | None = None) -> StudyOutcome:
-    """Run ``trials`` new trials on the study (created or resumed) and return every completed one."""
+              on_trial: Callable[[int, Pipeline | None, str], None] | None = None,
+              settings: dict[str, Any] | None = None, sampler_seed: int | None = None) -> StudyOutcome:
+    """Run ``trials`` new trials on the study (created or resumed) and return every completed one.
+
+    ``settings`` (what the study was created with: scenario, model, target, hardware, ...) is stored on a new
+    study for ``kvtune worker``; ``sampler_seed`` (default ``ctx.seed``) lets each worker sample its own candidates.
+    """
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     fingerprint = eval_fingerprint(ctx, model_source)
 
-    sampler = make_sampler(ctx.seed, trials)
+    sampler = make_sampler(ctx.seed if sampler_seed is None else sampler_seed, trials)
     opened = open_storage(storage)  # heartbeat + retry of trials whose process died (kvtune/storage.py)
     try:
         study = optuna.create_study(storage=opened, study_name=study_name, sampler=sampler,
@@ -228,19 +254,15 @@ def run_study(ctx: SearchContext, *, trials: int, storage: str, study_name: str,
         study.set_user_attr("fingerprint", fingerprint)
         study.set_user_attr("scenario", ctx.scenario.name)
         study.set_user_attr("memory_budget_bytes", ctx.target.cost.memory_budget_bytes)
+        study.set_user_attr("fingerprint_fields", fingerprint_fields(ctx, model_source))
+        study.set_user_attr("settings", settings or {})
     elif known != fingerprint:
         raise UserError(f"study '{study_name}' was run with another model, evaluation set, scenario or cost "
                         "setup; pick another --study-name or --storage")
     else:
         # free memory drifts between runs; a resumed study keeps the budget its first trials were sized with
         ctx.target.pin_device_pool(int(study.user_attrs.get("memory_budget_bytes", ctx.target.cost.memory_budget_bytes)))
-    done: dict[str, Pipeline] = {}
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        if ATTR_PIPELINE in t.user_attrs:
-            where = f"study '{printable(study_name)}' trial {t.number}"
-            p = Pipeline.from_dict(t.user_attrs[ATTR_PIPELINE], where=where)
-            validate_pipeline(p, where=where)
-            done.setdefault(p.label(), p)
+    done = _measured(study, study_name, {})
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     resumed = sum(t.state in finished for t in study.get_trials(deepcopy=False))  # not RUNNING/FAIL/WAITING
     if not study.trials:
@@ -256,6 +278,8 @@ def run_study(ctx: SearchContext, *, trials: int, storage: str, study_name: str,
         mark_worker(trial)
         pipeline = suggest_pipeline(trial, ctx.scenario)
         label = pipeline.label()
+        if label not in done:  # another worker may have measured it since
+            done.update(_measured(study, study_name, done))
         if label in done:
             measured = done[label].model_copy(update={})
         else:
@@ -294,7 +318,8 @@ def run_study(ctx: SearchContext, *, trials: int, storage: str, study_name: str,
             on_trial(trial.number, measured, label)
         return objectives(measured, prefer)
 
-    study.optimize(objective, n_trials=trials, catch=(MemoryError, RuntimeError), gc_after_trial=False)
+    study.optimize(objective, n_trials=trials, catch=(MemoryError, RuntimeError), gc_after_trial=False,
+                   callbacks=[lambda study, _trial: fail_dead_trials(study)])  # journal: a dead worker's trial
     outcome.new_trials = trials
     for t in study.get_trials(deepcopy=False):
         if t.state == optuna.trial.TrialState.COMPLETE and ATTR_PIPELINE in t.user_attrs:

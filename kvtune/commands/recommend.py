@@ -22,7 +22,9 @@ from kvtune.measure.calibration import codec_keys
 from kvtune.pipeline import Pipeline, Provenance, utc_now
 from kvtune.preflight import recommend_inputs
 from kvtune.report import front_table, print_measured, side_by_side
-from kvtune.scenarios import SCENARIOS, get_scenario
+from kvtune.report_md import ReportInput, check_report_dir, write_report
+from kvtune.measure.target import Target
+from kvtune.scenarios import SCENARIOS, Scenario, get_scenario
 from kvtune.storage import redact_url
 
 DEFAULT_OUTPUT = "kvtune-pipeline.yaml"
@@ -52,6 +54,19 @@ def guard_output(path: Path, force: bool) -> Path | None:
     return path.with_name(path.name + ".bak")
 
 
+def searched_scenario(scen: Scenario, tgt: Target) -> tuple[Scenario, str | None]:
+    """The scenario as searched on this target: offload goes to the target's tiers, or is not searched (with the
+    note to print) when there is no tier to offload to. ``recommend`` and ``worker`` both apply it."""
+    if "offload" not in scen.placements:
+        return scen, None
+    tiers = tgt.offload_tiers()
+    if tiers:
+        return dataclasses.replace(scen, offload_tiers=tiers), None
+    return (dataclasses.replace(scen, placements=tuple(p for p in scen.placements if p != "offload")),
+            f"no tier to offload to on {tgt.hardware.name} ({tgt.tiers.host.reason or tgt.tiers.disk.reason}); "
+            "offload is not searched")
+
+
 def recommend(
     scenario: Annotated[str, typer.Option("--scenario", "-s", help=f"one of: {', '.join(SCENARIOS)}")] = "multi-turn",
     profile: Annotated[Optional[str], typer.Option(help="profile YAML from `kvtune profile` (hardware + workload)")] = None,
@@ -74,11 +89,14 @@ def recommend(
     trust_remote_code: Annotated[bool, typer.Option(help="allow the model's own Python code to run")] = False,
     format: Annotated[OutputFormat, typer.Option("--format", "-f", help="stdout: table, json or yaml")] = OutputFormat.table,
     buckets: Annotated[Optional[str], typer.Option("--buckets", help="one pipeline per prompt-length bucket of the workload trace: 'auto' or a bucket count; --trials is per bucket")] = None,
+    report: Annotated[Optional[Path], typer.Option("--report", parser=nonempty_path, help="also write a report folder: report.md, pareto.png, workload.png (needs matplotlib)")] = None,
 ) -> None:
     """Search KV-cache pipelines for a scenario, measuring every candidate on a real model; write the best."""
     scen = get_scenario(scenario)
     bucket_count = parse_buckets(buckets) if buckets is not None else None
     backup = guard_output(output, force)
+    if report is not None:
+        check_report_dir(report, force)
     targets = recommend_inputs(storage=storage, export=export, export_dir=export_dir, context=context,
                                force=force).targets  # storage, exports, context: before the model loads
     from kvtune.search import SearchContext, choose, run_study
@@ -89,14 +107,9 @@ def recommend(
                    device=device, tpot_ms=tpot_ms, default_tpot_ms=scen.tpot_ms, calibration=calibration,
                    codecs=tuple(k for c in scen.codecs for k in codec_keys(c)))
     tgt = prep.target_model
-    if "offload" in scen.placements:
-        tiers = tgt.offload_tiers()
-        if tiers:
-            scen = dataclasses.replace(scen, offload_tiers=tiers)
-        else:
-            scen = dataclasses.replace(scen, placements=tuple(p for p in scen.placements if p != "offload"))
-            stderr.print(f"note: no tier to offload to on {tgt.hardware.name} ({tgt.tiers.host.reason or tgt.tiers.disk.reason}); "
-                         "offload is not searched")
+    scen, note = searched_scenario(scen, tgt)
+    if note:
+        stderr.print(f"note: {note}")
     name = study_name or "/".join(_slug(x) for x in (prep.loaded.name, prep.target.name, prep.hardware.name,
                                                      prep.workload.name if prep.workload else "none", scen.name,
                                                      "quick" if quick else "full"))
@@ -128,6 +141,12 @@ def recommend(
                 stderr.print(f"previous {output} kept as {backup}")
             atomic_write_text(output, doc.to_yaml())
             _print_buckets(result, format, doc)
+            if report is not None:  # the plot shows the largest bucket's study, whose figures doc carries
+                main = result.outcomes[max(range(len(parts)), key=lambda i: parts[i].share)]
+                written = write_report(report, ReportInput(
+                    trials=main.trials, best=doc, feasible=True, scenario=scen, workload=prep.workload,
+                    study=main.study_name, storage=redact_url(storage), rejected=len(main.pruned)), force=force)
+                stderr.print(f"wrote the report {escape(printable(str(written)))}")
             stderr.print(f"wrote {output} ({len(parts)} buckets, routing by prompt length)")
             if targets:
                 write_exports(doc, targets, export_dir, force=force)
@@ -145,7 +164,13 @@ def recommend(
             bar.update(task, advance=1, description=desc[:90])
 
         outcome = run_study(ctx, trials=trials, storage=storage, study_name=name, model_source=prep.loaded.source,
-                            on_trial=on_trial)
+                            on_trial=on_trial, settings={  # what `kvtune worker` rebuilds the setup from
+                                "scenario": scen.name, "target": target,
+                                "model": str(Path(model).resolve()) if model and Path(model).exists() else model,
+                                "hardware": hardware, "profile": str(Path(profile).resolve()) if profile else None,
+                                "context": context, "tpot_ms": tpot_ms, "quick": quick, "seed": seed,
+                                "calibration": [str(Path(c).resolve()) for c in calibration or ()],
+                                "trust_remote_code": trust_remote_code, "kvtune_version": __version__})
     elapsed = time.perf_counter() - started
     for number, reason in outcome.failed:
         stderr.print(f"trial {number} failed: {reason}")
@@ -185,6 +210,11 @@ def recommend(
               "pruned": [{"trial": n, "reason": r} for n, r in outcome.pruned]}, format)
     stderr.print(f"{outcome.new_trials} trials in {elapsed:.0f} s ({len(outcome.trials)} measured in the study, "
                  f"{len(outcome.pruned)} rejected before running or stopped after the probe slice); wrote {output}")
+    if report is not None:
+        written = write_report(report, ReportInput(trials=outcome.trials, best=best, feasible=feasible, scenario=scen,
+                                                   workload=prep.workload, study=name, storage=redact_url(storage),
+                                                   rejected=len(outcome.pruned)), force=force)
+        stderr.print(f"wrote the report {escape(printable(str(written)))}")
     if targets:
         write_exports(best, targets, export_dir, force=force)
 
