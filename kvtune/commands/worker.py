@@ -27,6 +27,7 @@ from kvtune.measure.calibration import codec_keys
 from kvtune.pipeline import Pipeline
 from kvtune.report import front_table
 from kvtune.scenarios import get_scenario
+from kvtune.stacks import get_profile, narrow
 from kvtune.storage import check_storage, open_storage, redact_text, worker_id
 
 ATTR_SETTINGS = "settings"  # written by run_study on a new study (kvtune recommend)
@@ -92,6 +93,8 @@ def worker(
         raise UserError(f"--study {printable(study)}: was created with --trust-remote-code; pass it to this worker "
                         "too if you trust the model's code")
     scen = get_scenario(str(settings["scenario"]))
+    if settings.get("stack"):  # recommend --stack: the same narrowed space
+        scen = narrow(scen, get_profile(str(settings["stack"]), where=f"study {printable(study)}: stack"))
     me = worker_id()
     needs_sums = any(needs_attention_sums(m) for m in scen.selection)
     prep = prepare(model=settings.get("model"), trust_remote_code=trust_remote_code,
