@@ -25,6 +25,7 @@ from kvtune.report import front_table, print_measured, side_by_side
 from kvtune.report_md import ReportInput, check_report_dir, write_report
 from kvtune.measure.target import Target
 from kvtune.scenarios import SCENARIOS, Scenario, get_scenario
+from kvtune.stacks import STACKS, default_profile, get_profile, narrow, nearest
 from kvtune.storage import redact_url
 
 DEFAULT_OUTPUT = "kvtune-pipeline.yaml"
@@ -88,11 +89,15 @@ def recommend(
     calibration: Annotated[Optional[list[str]], typer.Option(help="kernel calibration YAML from benchmarks/kernels.py --calibration-out (repeatable)")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="allow the model's own Python code to run")] = False,
     format: Annotated[OutputFormat, typer.Option("--format", "-f", help="stdout: table, json or yaml")] = OutputFormat.table,
+    stack: Annotated[Optional[str], typer.Option("--stack", help=f"search only what one serving stack runs, with its numerics: {'|'.join(STACKS)}[@VERSION]")] = None,
     buckets: Annotated[Optional[str], typer.Option("--buckets", help="one pipeline per prompt-length bucket of the workload trace: 'auto' or a bucket count; --trials is per bucket")] = None,
     report: Annotated[Optional[Path], typer.Option("--report", parser=nonempty_path, help="also write a report folder: report.md, pareto.png, workload.png (needs matplotlib)")] = None,
 ) -> None:
     """Search KV-cache pipelines for a scenario, measuring every candidate on a real model; write the best."""
     scen = get_scenario(scenario)
+    stack_profile = get_profile(stack) if stack is not None else None
+    if stack_profile is not None:
+        scen = narrow(scen, stack_profile)
     bucket_count = parse_buckets(buckets) if buckets is not None else None
     backup = guard_output(output, force)
     if report is not None:
@@ -112,10 +117,15 @@ def recommend(
         stderr.print(f"note: {note}")
     name = study_name or "/".join(_slug(x) for x in (prep.loaded.name, prep.target.name, prep.hardware.name,
                                                      prep.workload.name if prep.workload else "none", scen.name,
+                                                     *((stack_profile.spec,) if stack_profile else ()),
                                                      "quick" if quick else "full"))
     ctx = SearchContext(model=prep.loaded.model, evalset=prep.evalset, eval_config=prep.eval_config,
                         target=tgt, scenario=scen, seed=seed)
     stderr.print(f"study '{escape(printable(name))}' in {escape(redact_url(storage))}; scenario {scen.name}: {scen.summary}")
+    if stack_profile is not None:
+        stderr.print(f"--stack {stack_profile.spec}: searching what {stack_profile.label} runs, with its numerics "
+                     f"(selection {', '.join(scen.selection)}; codec {', '.join(scen.codecs)}; placement "
+                     f"{', '.join(scen.placements)}; from profiles/stacks/{stack_profile.stack}.yaml)")
     if buckets is not None:
         replay = tgt.serving.replay
         if replay is None:
@@ -165,7 +175,8 @@ def recommend(
 
         outcome = run_study(ctx, trials=trials, storage=storage, study_name=name, model_source=prep.loaded.source,
                             on_trial=on_trial, settings={  # what `kvtune worker` rebuilds the setup from
-                                "scenario": scen.name, "target": target,
+                                "scenario": scen.name, "stack": stack_profile.spec if stack_profile else None,
+                                "target": target,
                                 "model": str(Path(model).resolve()) if model and Path(model).exists() else model,
                                 "hardware": hardware, "profile": str(Path(profile).resolve()) if profile else None,
                                 "context": context, "tpot_ms": tpot_ms, "quick": quick, "seed": seed,
@@ -184,7 +195,7 @@ def recommend(
         for line in scen.advice:
             stderr.print(f"advice: {line}")
     best = best.model_copy(update={
-        "name": f"{scen.name} recommendation",
+        "name": f"{scen.name} recommendation" + (f" for {stack_profile.label}" if stack_profile else ""),
         "provenance": Provenance(kvtune_version=__version__, created=utc_now(), scenario=scen.name, study=name,
                                  seed=seed, model=prep.model_info(), hardware=prep.hardware_info(),
                                  workload=prep.workload_info()),
@@ -215,8 +226,38 @@ def recommend(
                                                    workload=prep.workload, study=name, storage=redact_url(storage),
                                                    rejected=len(outcome.pruned)), force=force)
         stderr.print(f"wrote the report {escape(printable(str(written)))}")
+    if stack_profile is not None:
+        stderr.print(f"measured with {stack_profile.label}'s numerics: an export to {stack_profile.stack} runs exactly "
+                     "the pipeline these figures were measured on")
     if targets:
+        _measure_nearest(ctx, best, targets, stack_profile)
         write_exports(best, targets, export_dir, force=force)
+
+
+def _measure_nearest(ctx, best: Pipeline, targets: list[str], stack_profile) -> None:
+    """For each export target that cannot run ``best`` as measured, measure what its export really runs (the
+    nearest supported setting, :func:`kvtune.stacks.nearest`) and print both, so the degradation has a number."""
+    from kvtune.search import measure
+
+    done: dict[str, Pipeline] = {}
+    for target in targets:
+        same = stack_profile is not None and stack_profile.stack == target
+        profile = stack_profile if same else default_profile(target)
+        near, changes = nearest(best, profile)
+        if not changes:
+            continue
+        key = near.label()
+        if key not in done:
+            stderr.print(escape(f"measuring what the {profile.label} export runs: {key} ({'; '.join(changes)})"))
+            done[key] = measure(ctx, near)
+        m, b = done[key].measured, best.measured
+        assert m is not None and b is not None
+        line = (f"{profile.label} export runs {key}: quality loss {m.quality.quality_loss:.4f} "
+                f"(recommended {b.quality.quality_loss:.4f}), KV {m.cost.bytes_per_token:,.0f} B/token "
+                f"(recommended {b.cost.bytes_per_token:,.0f})")
+        if m.serving is not None and b.serving is not None:
+            line += f", {m.serving.tokens_per_s:,.0f} output tokens/s (recommended {b.serving.tokens_per_s:,.0f})"
+        stderr.print(escape(line))
 
 
 def _print_buckets(result: BucketResult, format: OutputFormat, doc: Pipeline) -> None:
