@@ -17,7 +17,7 @@ Mapping (docs/exports.md has the full table):
   over tensor-parallel ranks); on ``disk`` -> LMCache through ``kv-transfer-config``. vLLM's offload tier holds
   blocks for later reuse; a running sequence's KV stays whole on the GPU, so ``gpu_fraction`` and
   ``prefetch_depth`` have no equivalent.
-* switches -> ``enable-prefix-caching`` / ``no-enable-prefix-caching``, ``max-model-len``,
+* switches -> ``enable-prefix-caching: true|false``, ``max-model-len``,
   ``gpu-memory-utilization``; measured capacity -> ``max-num-seqs``.
 """
 
