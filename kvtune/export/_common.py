@@ -77,10 +77,6 @@ class Notes:
 # -- pipeline facts ---------------------------------------------------------------------------------------
 
 
-def stage_label(stage: Stage) -> str:
-    return stage.label()
-
-
 def context_tokens(p: Pipeline) -> int | None:
     """The context length the pipeline was measured at (cost), else the workload's p90, else None."""
     if p.measured is not None:
@@ -232,10 +228,6 @@ def model_id(p: Pipeline) -> str | None:
     return None
 
 
-def selection_nearest(stack_hint: str) -> str:
-    return f"keep every token (full cache){stack_hint}"
-
-
 # -- rendering --------------------------------------------------------------------------------------------
 
 
@@ -248,15 +240,6 @@ def fmt_num(value: float) -> str:
 def round_gib(n_bytes: int) -> float:
     """Bytes to GiB, rounded up to 2 decimals (never under-provision the host tier)."""
     return math.ceil(n_bytes / GIB * 100) / 100
-
-
-def round_gb_int(n_bytes: int) -> int:
-    """Bytes to whole gigabytes (1e9), rounded up."""
-    return max(1, math.ceil(n_bytes / 1e9))
-
-
-def compact_json(data: Any) -> str:
-    return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
 def header_lines(*, title: str, p: Pipeline, stack: str, version: str, options_file: str | None,
