@@ -176,8 +176,13 @@ def test_two_workers_one_killed_mid_trial(storage_url, tmp_path):
         assert after[number].params == params and after[number].user_attrs.get("pipeline") == pipeline
     dead = after[killed[0].number]
     assert dead.state == S.FAIL
-    retried = [t for t in trials if t.number > dead.number and t.params == dead.params and t.state == S.COMPLETE]
-    assert retried, "the killed candidate was not measured again"
+    # measured again: a later trial runs with the dead trial's parameters fixed (those it had chosen when killed;
+    # a trial killed while still sampling its placement gets the placement sampled anew)
+    retried = [t for t in trials if t.number > dead.number and t.state == S.COMPLETE
+               and (t.system_attrs.get("failed_trial") == dead.number  # PostgreSQL: Optuna's retry callback
+                    or t.system_attrs.get("fixed_params") == dead.params)  # journal: kvtune's dead-worker sweep
+               and all(t.params.get(k) == v for k, v in dead.params.items())]
+    assert dead.params and retried, "the killed candidate was not measured again"
     survivor_pid = survivor.pid
     mine = [t for t in trials if str(t.user_attrs.get(WORKER_ATTR, "")).endswith(f":{survivor_pid}")]
     assert len(mine) == SURVIVOR_TRIALS and all(t.state in FINISHED for t in mine)
