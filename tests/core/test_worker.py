@@ -60,10 +60,12 @@ def postgres_url():
     pg_ctl = bins[-1] if bins else shutil.which("pg_ctl")
     if not pg_ctl:
         pytest.skip("needs PostgreSQL server binaries (apt-get install postgresql)")
-    try:
-        import psycopg2  # noqa: F401 - the driver SQLAlchemy's postgresql:// URLs use
-    except ImportError:
-        pytest.skip("needs the psycopg2 driver (pip install 'kvtune[dev]')")
+    import sqlalchemy
+
+    try:  # the driver SQLAlchemy maps postgresql:// to (psycopg 3 on SQLAlchemy 2.1, psycopg2 before)
+        sqlalchemy.create_engine("postgresql://kvtune@127.0.0.1:1/optuna")
+    except ImportError as exc:
+        pytest.skip(f"needs SQLAlchemy's PostgreSQL driver ({exc}; pip install 'kvtune[dev]')")
     bindir = Path(pg_ctl).parent
     as_user: list[str] = []
     folder = Path(tempfile.mkdtemp(prefix="kvtune-pg-"))
