@@ -122,6 +122,8 @@ class CostResult(_Strict):
                                 "the target device itself (never a CPU timing for a GPU target)")
     decode_latency_full_ms: float | None = Field(None, ge=0, description="the same with the full cache, same run")
     context_tokens: int = Field(ge=1, description="context length the cost was measured at")
+    host_bytes_per_token: float = Field(0.0, ge=0, description="bytes per context token a spilling selector keeps "
+                                                                 "off the device (every token, its host codec)")
     capacity_seqs: int = Field(ge=0, description="concurrent sequences of context_tokens within the memory tiers")
     capacity_full_seqs: int = Field(ge=0)
     memory_budget_bytes: int = Field(ge=0, description="device KV pool used for capacity")

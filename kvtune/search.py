@@ -32,7 +32,7 @@ from kvtune.measure.kernels_cost import measure_cost
 from kvtune.measure.quality import EvalConfig, EvalSet, evaluate_quality, probe_loss_bound
 from kvtune.measure.target import Target
 from kvtune.pipeline import Measured, Pipeline, Stage, Switches, validate_pipeline
-from kvtune.scenarios import Scenario
+from kvtune.scenarios import Scenario, followup_ok
 from kvtune.stacks import stack_params
 from kvtune.storage import fail_dead_trials, mark_worker, open_storage, redact_text, redact_url
 from kvtune.strategies import AXES, NONE, Stages
@@ -186,9 +186,21 @@ def copy_hidden(p: Pipeline) -> bool:
 
 
 def feasible(p: Pipeline, scenario: Scenario) -> bool:
+    """Within the quality ceiling, keeping the follow-up answers the scenario asks for (:func:`followup_ok`), no
+    copy exposed beyond its step, and (throughput preference) one sequence at least meeting the TPOT target."""
     m = p.measured
     return (m is not None and m.quality.quality_loss <= scenario.max_quality_loss + 1e-12 and copy_hidden(p)
+            and followup_ok(m.quality, scenario)
             and (m.serving is None or scenario.prefer in ("memory", "ttft") or m.serving.batch > 0))
+
+
+def violation(quality: Any, scenario: Scenario) -> float:
+    """The sampler's constraint (<= 0 feasible): how far the candidate is over the quality ceiling or the
+    scenario's follow-up tolerance, whichever is more."""
+    over = quality.quality_loss - scenario.max_quality_loss
+    if scenario.max_followup_drop is not None and quality.followup_retention is not None:
+        over = max(over, (1.0 - quality.followup_retention) - scenario.max_followup_drop)
+    return over
 
 
 def choose(pipelines: list[Pipeline], scenario: Scenario) -> tuple[Pipeline | None, bool]:
@@ -311,8 +323,7 @@ def run_study(ctx: SearchContext, *, trials: int, storage: str, study_name: str,
                 return (bound, sv.ttft_ms if prefer == "ttft" else -sv.tokens_per_s, cost.bytes_per_token)
             measured = measure(ctx, pipeline, trial.number)
             done[label] = measured
-        q = measured.measured.quality.quality_loss  # type: ignore[union-attr]
-        trial.set_constraint("quality_loss", q - ctx.scenario.max_quality_loss)
+        trial.set_constraint("quality_loss", violation(measured.measured.quality, ctx.scenario))  # type: ignore[union-attr]
         trial.set_user_attr(ATTR_PIPELINE, measured.model_dump(mode="json", exclude_none=True))
         if on_trial:
             on_trial(trial.number, measured, label)

@@ -148,6 +148,10 @@ class Selector(Strategy):
         by default; a spilling selector (``spills``) wraps it in a GPU tier over a host tier."""
         return gpu_factory()
 
+    def host_codec_name(self) -> str | None:
+        """The codec a spilling selector keeps *every* token in off the device (its host tier), or None."""
+        return None
+
     def layer_keep(self, tokens: int, layer_idx: int, num_layers: int) -> int:
         """Tokens this layer keeps out of ``tokens`` seen. Uniform by default; summed over the layers it equals
         ``num_layers * budget_tokens(budget, tokens)`` for every selector (PyramidKV redistributes it)."""

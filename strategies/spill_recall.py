@@ -162,6 +162,9 @@ class SpillRecall(Selector):
             raise ValueError(f"host_codec must be one of {', '.join(HOST_CODECS)}, got {self.host_codec!r}")
         super().__post_init__()
 
+    def host_codec_name(self) -> str | None:
+        return self.host_codec
+
     def wrap_store(self, gpu_factory: Callable[[], Store]) -> Store:
         from kvtune.strategies import build  # the registry imports this module
 

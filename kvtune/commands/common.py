@@ -18,6 +18,7 @@ from kvtune.kernels.backend import resolve as resolve_kernel_backend
 from kvtune.models import DEVICE_CHOICES, LoadedModel, load_model, parse_device
 from kvtune.modelspec import ModelSpec
 from kvtune.pipeline import HardwareInfo, ModelInfo, WorkloadInfo
+from kvtune.measure.multiturn import probe_turns
 from kvtune.measure.target import Target, build_target
 from kvtune.measure.quality import EvalConfig, EvalSet, build_eval_set
 
@@ -131,6 +132,9 @@ def prepare(*, model: str | None, trust_remote_code: bool, profile: str | None, 
         stderr.print(f"note: {note}")
     cfg = EvalConfig.quick() if quick else EvalConfig()
     cfg.seed = seed
+    if cfg.multiturn_items:
+        cfg.multiturn_turns, why = probe_turns(workload, cfg.multiturn_facts, cfg.multiturn_turns)
+        stderr.print(f"multi-turn probe: {cfg.multiturn_turns} turns ({why})")
     started = time.perf_counter()
     with stderr.status("prefill once ...") as status:
         evalset = build_eval_set(loaded.model, loaded.tokenizer, cfg, attention_sums=attention_sums,

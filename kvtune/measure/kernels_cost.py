@@ -110,6 +110,8 @@ def measure_cost(stages: Stages, setup: CostSetup, seed: int = 0) -> CostResult:
             notes.append(f"attention timed in float32 on the CPU reference path; bytes in {spec.dtype}")
     bytes_per_token = total_bytes / ctx
     full_bpt = spec.layers * full_layer_bytes / ctx
+    host_codec = sel.host_codec_name() if sel is not None else None
+    host_bpt = spec.layers * _filled(build("codec", host_codec, {}), k, v, ctx).nbytes() / ctx if host_codec else 0.0
     return CostResult(
         bytes_per_token=round(bytes_per_token, 3),
         bytes_per_token_full=round(full_bpt, 3),
@@ -117,7 +119,8 @@ def measure_cost(stages: Stages, setup: CostSetup, seed: int = 0) -> CostResult:
         decode_latency_ms=latency,
         decode_latency_full_ms=latency_full,
         context_tokens=ctx,
-        capacity_seqs=capacity(setup.tiers, stages.placement, bytes_per_token * ctx),
+        host_bytes_per_token=round(host_bpt, 3),
+        capacity_seqs=capacity(setup.tiers, stages.placement, bytes_per_token * ctx, host_bpt * ctx),
         capacity_full_seqs=capacity(setup.tiers, build("placement", "gpu", {}), full_bpt * ctx),
         memory_budget_bytes=setup.memory_budget_bytes,
         backend=backend_label(dev),
@@ -126,16 +129,12 @@ def measure_cost(stages: Stages, setup: CostSetup, seed: int = 0) -> CostResult:
     )
 
 
-def capacity(tiers: Tiers, placement: Any, seq_bytes: float) -> int:
+def capacity(tiers: Tiers, placement: Any, seq_bytes: float, spill_bytes: float = 0.0) -> int:
     """Sequences of ``seq_bytes`` of KV that fit: the resident share in the device pool, the rest in the
-    placement's lower tier (an unavailable lower tier holds nothing)."""
-    share = placement.gpu_fraction_held()
-    dev = tiers.device.capacity.value if tiers.device.capacity else 0
-    n = int(dev // (seq_bytes * share)) if seq_bytes * share > 0 else 0
-    if tiers.lower(placement) is not None and share < 1.0:
-        below = seq_bytes * (1.0 - share)
-        n = min(n, int((tiers.lower_capacity(placement) or 0) // below) if below > 0 else n)
-    return max(0, n)
+    placement's lower tier (an unavailable lower tier holds nothing); ``spill_bytes`` per sequence in host memory
+    (a spilling selector), on a CPU-only host in the device pool itself."""
+    n, _ = tiers.sequences(placement, seq_bytes, spill_bytes)
+    return n
 
 
 def _attention_ms(stages: Stages, setup: CostSetup, groups: list, compute_dtype: torch.dtype,

@@ -144,11 +144,13 @@ class Candidate:
     attention_sums: bool = False  # a selector that scores with the prompt's accumulated attention
     packs: bool = False  # a codec that quantizes/packs at prefill
     kv_eff: Figure | None = None  # this candidate's own measured kernel efficiency (timed on the target GPU)
+    host_bytes_per_token: float = 0.0  # a spilling selector's host copy of every token
 
     @classmethod
-    def of(cls, stages: Any, pipeline: Any, bytes_per_token: float) -> "Candidate":
+    def of(cls, stages: Any, pipeline: Any, bytes_per_token: float, host_bytes_per_token: float = 0.0) -> "Candidate":
         sel = stages.selector
-        return cls(bytes_per_token=bytes_per_token, codec=codec_key(pipeline.codec.method, pipeline.codec.params),
+        return cls(bytes_per_token=bytes_per_token, host_bytes_per_token=host_bytes_per_token,
+                   codec=codec_key(pipeline.codec.method, pipeline.codec.params),
                    gpu_fraction=stages.placement.gpu_fraction_held(), placement=stages.placement,
                    attention_sums=sel is not None and "attention_sums" in sel.needs,
                    packs=pipeline.codec.method not in ("fp16", "bf16"))
@@ -226,20 +228,12 @@ class ServingModel:
         return ms
 
     def max_batch(self, cand: Candidate) -> tuple[int, str]:
-        """Sequences of the workload's decode context that fit, and what bounds them."""
-        per_seq = self.mix.decode_context * cand.bytes_per_token
-        dev = self.tiers.device.capacity.value if self.tiers.device.capacity else 0
-        on_dev = per_seq * cand.gpu_fraction
-        best, why = (int(dev // on_dev) if on_dev > 0 else MAX_BATCH), "device pool"
-        lower_cap = self.tiers.lower_capacity(cand.placement)
-        if self.tiers.lower(cand.placement) is not None and cand.gpu_fraction < 1.0:
-            below = per_seq * (1.0 - cand.gpu_fraction)
-            n = int((lower_cap or 0) // below) if below > 0 else MAX_BATCH
-            if n < best:
-                best, why = n, f"{self.tiers.lower(cand.placement).name} tier"  # type: ignore[union-attr]
+        """Sequences of the workload's decode context that fit the tiers, and what bounds them."""
+        c = self.mix.decode_context
+        best, why = self.tiers.sequences(cand.placement, c * cand.bytes_per_token, c * cand.host_bytes_per_token)
         if best > MAX_BATCH:
             best, why = MAX_BATCH, f"batch cap {MAX_BATCH}"
-        return max(0, best), why
+        return best, why
 
     def batch_at_target(self, cand: Candidate, limit: int) -> int:
         """The largest batch <= limit whose step meets the TPOT target (0 when even one sequence misses it)."""
@@ -280,8 +274,15 @@ class ServingModel:
         miss = 1.0 - hit_dev - hit_low
         rate = lower.read_gbps if (lower is not None and lower.read_gbps is not None) else None
 
-        def load_ms(tokens: float) -> float:  # prompt tokens found in the lower tier, copied up
-            return tokens * hit_low * cand.bytes_per_token / (rate.value * 1e9) * 1e3 if rate else 0.0
+        recall = self.tiers.host.read_gbps if (cand.host_bytes_per_token and self.tiers.accelerator) else None
+
+        def load_ms(tokens: float) -> float:
+            """Prompt tokens found in the lower tier, copied up; for a spilling selector, its resident set
+            recalled from the host at the new turn (upper bound: all of it)."""
+            ms = tokens * hit_low * cand.bytes_per_token / (rate.value * 1e9) * 1e3 if rate else 0.0
+            if recall is not None:
+                ms += tokens * cand.bytes_per_token / (recall.value * 1e9) * 1e3
+            return ms
 
         in_mean, in_p50 = self.mix.input_mean, self.mix.input_p50
         per_req_ms = self.prefill_ms(in_mean * miss, cand) + load_ms(in_mean) + self.mix.output_mean * step.total_ms / run

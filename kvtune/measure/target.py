@@ -77,7 +77,7 @@ class Target:
         """The serving figures of a measured candidate. When its decode attention was timed on the target GPU,
         that timing gives the codec's kernel efficiency (measured) in place of the calibration table's."""
         self.serving.prefix_caching = pipeline.switches.prefix_caching
-        cand = Candidate.of(stages, pipeline, cost.bytes_per_token)
+        cand = Candidate.of(stages, pipeline, cost.bytes_per_token, cost.host_bytes_per_token)
         if cost.decode_latency_ms and self.device.is_gpu:
             read = cost.bytes_per_token * cost.context_tokens * cand.gpu_fraction
             eff = read / (cost.decode_latency_ms / 1e3) / (self.device.mem_gbps.value * 1e9)

@@ -123,6 +123,27 @@ class Tiers:
         reserved = placement.reserved_bytes()
         return float(min(tier.capacity.value, reserved) if reserved else tier.capacity.value)
 
+    def sequences(self, placement: Any, seq_bytes: float, spill_bytes: float = 0.0) -> tuple[int, str]:
+        """How many sequences of ``seq_bytes`` of stored KV fit, and which tier bounds them. The placement's
+        resident share goes to the device pool, the rest to its lower tier; ``spill_bytes`` per sequence (a
+        spilling selector's host copy of every token) to the host tier — on a host without an accelerator
+        that is the device pool itself."""
+        share = placement.gpu_fraction_held()
+        on_dev = seq_bytes * share + (0.0 if self.accelerator else spill_bytes)
+        dev = self.device.capacity.value if self.device.capacity else 0
+        best, why = (int(dev // on_dev) if on_dev > 0 else 10**9), "device pool"
+        lower = self.lower(placement)
+        if lower is not None and share < 1.0 and seq_bytes * (1.0 - share) > 0:
+            n = int((self.lower_capacity(placement) or 0) // (seq_bytes * (1.0 - share)))
+            if n < best:
+                best, why = n, f"{lower.name} tier"
+        if self.accelerator and spill_bytes > 0:
+            host = self.host.capacity.value if self.host.capacity else 0
+            n = int(host // spill_bytes)
+            if n < best:
+                best, why = n, "host tier (spilled tokens)"
+        return max(0, best), why
+
     def check(self, placement: Any, device_bytes: float, lower_bytes: float) -> str | None:
         """Why one sequence's KV (``device_bytes`` on the device, ``lower_bytes`` below) cannot be placed, or None."""
         budget = self.device.capacity.value if self.device.capacity else 0

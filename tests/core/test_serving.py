@@ -295,3 +295,21 @@ def test_batch_leaves_room_for_the_prefix_cache_when_that_pays():
     at_max = m._at_batch(limit, full)
     assert res.batch < limit and res.tokens_per_s > at_max["tokens_s"]
     assert res.hit_rate_device > at_max["hit_dev"]
+
+
+def test_spill_and_recall_holds_every_token_on_the_host_and_pays_the_recall():
+    """spill_recall: the GPU holds the resident pages, the host a copy of every token; the host tier bounds the
+    batch and each new turn recalls the resident set over the link."""
+    hw = _h100(cpu_ram_available_bytes=int(10 * GiB / HOST_FRACTION) + 1)  # a 10 GiB host tier
+    tiers = Tiers.from_hardware(hw, 2_000_000_000)
+    m = _model(tiers, tpot=1000.0)
+    p = Pipeline(selection=Stage(method="spill_recall", params={"budget": 0.25, "host_codec": "fp16"}))
+    stages = Stages.of(p)
+    spill = Candidate.of(stages, p, 25_000.0, 100_000.0)
+    limit, bound = m.max_batch(spill)
+    assert bound.startswith("host tier") and limit == int(10 * GiB // (1000 * 100_000.0))
+    plain = Candidate.of(stages, p, 25_000.0)
+    assert m._at_batch(4, spill)["ttft"] > m._at_batch(4, plain)["ttft"]  # the recall over PCIe
+    cpu_only = Tiers.from_hardware(_h100(accelerator=None, gpu_memory_total_bytes=None, source="this-machine"), 0)
+    n, why = cpu_only.sequences(stages.placement, 1000 * 25_000.0, 1000 * 100_000.0)
+    assert why == "device pool" and n == int(cpu_only.device.capacity.value // (1000 * 125_000.0))
