@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvtune.errors import UserError
-from kvtune.strategies import multiturn_safe
+from kvtune.strategies import NONE, SELECTORS, multiturn_safe
 
-# ``random`` is a baseline (measured by benchmarks/strategies.py for every report), never worth searching
-ALL_SELECTION = ("none", "streaming_llm", "snapkv", "h2o", "pyramidkv", "ada_kv", "tova", "knorm", "sliding_window")
+BASELINES = ("random",)  # measured by benchmarks/strategies.py for every report, never worth searching
+# every registered selector (built-in order), so a new strategy is searched wherever a scenario allows "any"
+ALL_SELECTION = (NONE, *(name for name in SELECTORS if name not in BASELINES))
 ALL_CODECS = ("fp16", "fp8", "int8", "kivi", "lowrank", "mixed")
 LOSSLESS_CODECS = ("fp16",)
 ALL_PLACEMENTS = ("gpu", "offload")

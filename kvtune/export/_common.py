@@ -35,13 +35,12 @@ import yaml
 from kvtune.errors import printable
 from kvtune.io import dump_yaml
 from kvtune.pipeline import Pipeline, Stage
+from kvtune.strategies import NONE, SELECTORS
 
 GIB = 1024**3
 
 IDENTITY_CODECS = ("fp16", "bf16")
-KNOWN_SELECTIONS = (
-    "none", "streaming_llm", "snapkv", "h2o", "pyramidkv", "ada_kv", "tova", "knorm", "sliding_window", "random",
-)
+KNOWN_SELECTIONS = (NONE, *SELECTORS)  # kvtune's own selectors (a plugin's name is an unknown method here)
 
 
 @dataclass(frozen=True)
