@@ -78,8 +78,13 @@ class SnapKV(Selector):
         else:  # zero padding counted at the edges, as the paper's code and kvpress
             pooled = F.avg_pool1d(flat, self.kernel, stride=1, padding=pad)
         prefix = pooled.view(b, h, group, n).mean(dim=2)  # (B, H, T - W)
-        top = prefix.amax(dim=-1, keepdim=True).expand(b, h, w)  # the window ranks with the best prefix token
-        return torch.cat([prefix, top], dim=-1)  # (B, H, T)
+        # the window ranks just above the best prefix token (kept first, as the paper's code keeps it whole), its
+        # tokens strictly ordered newest first: exact ties would let top-k pick differently for the same row in
+        # another batch composition
+        top = prefix.amax(dim=-1, keepdim=True)  # (B, H, 1)
+        step = top.abs().clamp_min(1.0) * 1e-6
+        window = top + step * torch.arange(1, w + 1, device=prefix.device, dtype=prefix.dtype)  # (B, H, W)
+        return torch.cat([prefix, window], dim=-1)  # (B, H, T)
 
     @classmethod
     def search_space(cls, trial: Any, scenario: Any) -> dict[str, Any]:

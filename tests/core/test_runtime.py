@@ -109,10 +109,12 @@ def test_h2o_evicts_during_decode_to_stay_within_budget(smol, text_ids):
     assert all(layer.scores.shape[-1] == len(layer.store) for layer in cache.layers)
 
 
-@pytest.mark.parametrize("codec, tol", [("fp16", 1e-4), ("int8", 5e-2)])
+@pytest.mark.parametrize("codec, tol", [("fp16", 1e-4), ("int8", 0.15)])
 def test_batch_of_two_unpadded_matches_single(smol, text_ids, codec, tol):
     """Rows of a batch are independent. With a lossy codec, float noise between batched and single matmuls
-    (~2e-5) can move a value across a rounding boundary, so the tolerance is one quantization step's effect."""
+    (~2e-5) can move a value across a rounding boundary; a flipped int8 step in a kept key moves the next logits by
+    up to ~0.1 through 30 layers (0.115 measured with SnapKV's paper defaults, window 64, which keep most of this
+    120-token prompt's last tokens), so the tolerance is 0.15 — the fp16 case checks exact row independence."""
     ids = torch.cat([text_ids[:, :120], text_ids[:, 120:240]], dim=0)  # (2, 120)
     pipeline = Pipeline(selection=Stage(method="snapkv", params={"budget": 0.5}), codec=Stage(method=codec))
     batch = KVCache(pipeline, smol.spec.layers)

@@ -79,7 +79,11 @@ def test_snapkv_scores_match_naive_computation():
             per_q.append(torch.stack([prefix[j : j + 3].sum() / 3 for j in range(t - 8)]))
         scored = torch.stack(per_q).mean(0)
         expected[0, h] = torch.cat([scored, scored.max().expand(8)])  # the window ranks with the best prefix key
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[..., :-8], expected[..., :-8], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[..., -8:], expected[..., -8:], rtol=1e-4, atol=1e-6)
+    # ... just above it, newest first and without ties (so top-k does not depend on the batch around a row)
+    window = got[0, :, -8:]
+    assert (window.diff(dim=-1) > 0).all() and (window[:, 0] > got[0, :, :-8].amax(dim=-1)).all()
 
 
 def test_snapkv_defaults_are_the_papers_code_and_kvpress():
