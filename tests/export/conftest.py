@@ -3,9 +3,11 @@
 Exports only take valid pipelines (every method registered, every parameter in range), so a method unknown to
 the exporters can only come from a plugin (the ``kvtune.strategies`` entry-point group). These two stand for
 such plugins, registered for each test and removed after it (other test folders iterate over the registry).
-"""
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: validate_pipeline reads the plugins' type hints, and string
+annotations would be resolved in ``sys.modules["conftest"]``, which is another folder's conftest once pytest has
+imported it (NameError: ClassVar when tests/strategies is collected after tests/export).
+"""
 
 from dataclasses import dataclass
 from typing import Any, ClassVar
