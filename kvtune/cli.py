@@ -15,7 +15,6 @@ from __future__ import annotations
 import ast
 import importlib
 import sys
-import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -153,9 +152,6 @@ def _root(
 
 
 def main() -> None:
-    # transformers >= 5.24 renames forward()'s past_key_values to cache and warns on every call; kvtune keeps the
-    # name every transformers 5.x takes, so the notice says nothing to a kvtune user
-    warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
     app()
 
 
