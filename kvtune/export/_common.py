@@ -35,12 +35,16 @@ import yaml
 from kvtune.errors import printable
 from kvtune.io import dump_yaml
 from kvtune.pipeline import Pipeline, Stage
-from kvtune.strategies import NONE, SELECTORS
 
 GIB = 1024**3
 
 IDENTITY_CODECS = ("fp16", "bf16")
-KNOWN_SELECTIONS = (NONE, *SELECTORS)  # kvtune's own selectors (a plugin's name is an unknown method here)
+# kvtune's own selectors (a plugin's name is an unknown method here). Spelled out rather than read from the
+# registry, which imports torch, so `kvtune export --help` stays fast; a test keeps it equal to the registry.
+KNOWN_SELECTIONS = (
+    "none", "streaming_llm", "snapkv", "h2o", "pyramidkv", "ada_kv", "tova", "knorm", "sliding_window", "random",
+    "snapkv_agnostic", "spill_recall",
+)
 
 
 @dataclass(frozen=True)

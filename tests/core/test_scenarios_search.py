@@ -114,3 +114,10 @@ def test_precheck_rejects_what_cannot_fit():
     assert tiers.check(kivi2.placement, per_seq / 7, 0) is None
     disk = Stages.of(Pipeline(placement=Stage(method="offload", params={"tier": "disk", "gpu_fraction": 0.5})))
     assert "free disk not measured" in tiers.check(disk.placement, per_seq / 2, per_seq / 2)
+
+
+def test_exporters_know_every_built_in_selector():
+    from kvtune.export._common import KNOWN_SELECTIONS
+    from kvtune.strategies import SELECTORS
+
+    assert set(KNOWN_SELECTIONS) == {NONE, *SELECTORS}
