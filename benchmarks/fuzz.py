@@ -95,23 +95,31 @@ def _one_line(exc: UserError) -> bool:
     return "\n" not in str(exc) and "\r" not in str(exc)
 
 
-def _load(group: str, tally: Tally, folder: Path, text: str, expect: str, timeout: float) -> None:
-    path = folder / "p.yaml"
-    path.write_text(text, encoding="utf-8", errors="surrogatepass")
+def _attempt(tally: Tally, group: str, fn: Callable[[], Any], timeout: float) -> tuple[str, Any]:
+    """Run one case bounded in time: ("ok", result) or ("refused", the UserError), counting a refusal's line
+    count; a hang or a traceback is counted here and comes back as ("hang" | "crash", None)."""
     try:
-        bounded(timeout, lambda: load_pipeline(path))
+        return "ok", bounded(timeout, fn)
     except UserError as exc:
-        tally.add(group, refused=1, other=0 if _one_line(exc) else 1, invalid_accepted=0)
-        if expect == "valid":
-            tally.groups[group]["other"] += 1
-            tally.note(group, f"valid document refused: {exc}")
-        return
+        tally.add(group, refused=1, other=0 if _one_line(exc) else 1)
+        return "refused", exc
     except Hang:
         tally.add(group, hangs=1)
-        return
+        return "hang", None
     except Exception as exc:  # noqa: BLE001 - counting crashes is the point
         tally.add(group, tracebacks=1)
         tally.note(group, f"{type(exc).__name__}: {exc}")
+        return "crash", None
+
+
+def _load(group: str, tally: Tally, folder: Path, text: str, expect: str, timeout: float) -> None:
+    path = folder / "p.yaml"
+    path.write_text(text, encoding="utf-8", errors="surrogatepass")
+    status, got = _attempt(tally, group, lambda: load_pipeline(path), timeout)
+    if status == "refused" and expect == "valid":
+        tally.groups[group]["other"] += 1
+        tally.note(group, f"valid document refused: {got}")
+    if status != "ok":
         return
     tally.add(group, accepted=1, invalid_accepted=int(expect == "invalid"))
     if expect == "invalid":
@@ -157,21 +165,14 @@ def run_exports(tally: Tally, n: int, timeout: float) -> None:
 
     def invalid(item: tuple) -> None:
         doc, _ = item
-        try:
+
+        def render() -> Any:
             pipeline = Pipeline.from_dict(doc, where="p.yaml")
-            bounded(timeout, lambda: render_pipeline(pipeline, TARGETS, where="p.yaml"))
-        except UserError as exc:
-            tally.add("exports", refused=1, other=0 if _one_line(exc) else 1)
-            return
-        except Hang:
-            tally.add("exports", hangs=1)
-            return
-        except Exception as exc:  # noqa: BLE001
-            tally.add("exports", tracebacks=1)
-            tally.note("exports", f"{type(exc).__name__}: {exc}")
-            return
-        tally.add("exports", accepted=1, invalid_accepted=1)
-        tally.note("exports", f"invalid rendered: {doc!r}")
+            return render_pipeline(pipeline, TARGETS, where="p.yaml")
+
+        if _attempt(tally, "exports", render, timeout)[0] == "ok":
+            tally.add("exports", accepted=1, invalid_accepted=1)
+            tally.note("exports", f"invalid rendered: {doc!r}")
 
     text = st.none() | fg.hostile_text.filter(lambda t: len(t) <= 512)
     _drive(st.tuples(fg.valid_docs, fg.hostile_text, fg.hostile_text, fg.hostile_text, text), n * 3 // 4, hostile)
@@ -205,19 +206,8 @@ def run_profiles(tally: Tally, folder: Path, n: int, timeout: float) -> None:
     def body(text: str) -> None:
         path = folder / "fuzz-profile.yaml"
         path.write_text(text, encoding="utf-8", errors="surrogatepass")
-        try:
-            bounded(timeout, lambda: load_profile(path))
-        except UserError as exc:
-            tally.add("profiles", refused=1, other=0 if _one_line(exc) else 1)
-            return
-        except Hang:
-            tally.add("profiles", hangs=1)
-            return
-        except Exception as exc:  # noqa: BLE001
-            tally.add("profiles", tracebacks=1)
-            tally.note("profiles", f"{type(exc).__name__}: {exc}")
-            return
-        tally.add("profiles", accepted=1)
+        if _attempt(tally, "profiles", lambda: load_profile(path), timeout)[0] == "ok":
+            tally.add("profiles", accepted=1)
 
     _drive(docs(), n, body)
 
