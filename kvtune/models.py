@@ -16,7 +16,9 @@ lacks bf16), as it would be served; on a CPU in float32 (CPUs emulate half-preci
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import logging
 import os
 import time
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtune.errors import UserError
+from kvtune.io import atomic_write_text
 from kvtune.modelspec import ModelSpec
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -47,6 +50,7 @@ class LoadedModel:
     load_seconds: float
     device: str = "cpu"  # where the model runs: "cpu" or "cuda:N"
     compute_dtype: str = "float32"  # the dtype its weights and activations are in there
+    identity: str = ""  # what the model is, independent of where it lies (:func:`model_identity`)
 
 
 def parse_device(name: str | None, where: str = "--device") -> str:
@@ -128,10 +132,64 @@ def cache_dir() -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "kvtune"
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_HASH_CHUNK = 1 << 22
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's content, remembered in the cache folder by (real path, size, mtime) so a multi-GB
+    weights file is read once per machine, not once per run."""
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    memo = cache_dir() / "file-sha256.json"
+    try:
+        known = json.loads(memo.read_text())
+        if not isinstance(known, dict):
+            known = {}
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known.get(key), str):
+        return known[key]
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(_HASH_CHUNK):
+            digest.update(block)
+    known[key] = digest.hexdigest()
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(memo, json.dumps(known, indent=1, sort_keys=True))
+    except (OSError, UserError):  # a read-only cache only costs the next run another read
+        pass
+    return known[key]
+
+
+def model_identity(source: str) -> str:
+    """What the model *is*, the same on every host that holds the same files (a study's fingerprint uses it, so
+    a worker whose copy lies elsewhere may join and one with other weights may not).
+
+    A GGUF or weights file: its name and content hash. A model folder: the content hash of ``config.json`` and of
+    every weights file in it (by name). A hub id from the local cache: the id and the cached snapshot revision."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return f"{path.name} sha256:{file_sha256(path)[:16]}"
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for item in sorted(path.iterdir()):
+            if item.is_file() and (item.name == "config.json" or item.suffix in _WEIGHT_SUFFIXES):
+                digest.update(f"{item.name}={file_sha256(item)}\n".encode())
+        return f"{path.resolve().name} sha256:{digest.hexdigest()[:16]}"
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(source, "config.json")
+    except Exception:  # noqa: BLE001 - a hub-library failure leaves the id alone
+        hit = None
+    revision = Path(hit).parent.name if isinstance(hit, str) else "unknown revision"
+    return f"{source}@{revision}"
+
+
 def _converted_path(gguf: Path) -> Path:
     """Cache folder for one GGUF file, keyed by its path, size and modification time."""
-    import hashlib
-
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
     return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
@@ -198,7 +256,7 @@ def load_model(model: str | None = None, *, trust_remote_code: bool = False, dty
     return LoadedModel(
         model=net, tokenizer=tokenizer, spec=spec, name=name, source=source,
         weights_bytes=int(weights), load_seconds=time.perf_counter() - started, device=device,
-        compute_dtype=run_dtype,
+        compute_dtype=run_dtype, identity=model_identity(source),
     )
 
 

@@ -130,8 +130,9 @@ def measure(ctx: SearchContext, pipeline: Pipeline, trial_number: int | None = N
 
 
 def fingerprint_fields(ctx: SearchContext, model_source: str) -> dict[str, Any]:
-    """What must not change between runs (and workers) of one study: model, evaluation set, cost setup, scenario.
-    Stored on the study (``fingerprint_fields``) so a refused worker can say which one differs."""
+    """What must not change between runs (and workers) of one study: model (``model_source`` is
+    :attr:`kvtune.models.LoadedModel.identity`, its content hash, so a worker whose copy lies at another path may
+    join), evaluation set, cost setup, scenario. Stored on the study (``fingerprint_fields``) so a refused worker can say which one differs."""
     t = ctx.target
     doc = {"model": model_source, "eval": ctx.eval_config.__dict__, "scenario": ctx.scenario.name,
            "stack": ctx.scenario.stack.spec if ctx.scenario.stack is not None else None,

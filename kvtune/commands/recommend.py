@@ -136,7 +136,7 @@ def recommend(
         parts = split(replay.mix(), bucket_count, cap, why)
         if len(parts) > 1:
             result = search_buckets(ctx, parts, prep.loaded.tokenizer, trials=trials, storage=storage, study_name=name,
-                                    model_source=prep.loaded.source, attention_sums=needs_sums,
+                                    model_source=prep.loaded.identity, attention_sums=needs_sums,
                                     progress=lambda msg: stderr.print(escape(msg)))
             if result.single is None:
                 raise UserError("--buckets: no candidate is feasible in every bucket; run without --buckets")
@@ -173,7 +173,7 @@ def recommend(
                 f"{measured.measured.cost.compression_ratio:.2f}x")  # type: ignore[union-attr]
             bar.update(task, advance=1, description=desc[:90])
 
-        outcome = run_study(ctx, trials=trials, storage=storage, study_name=name, model_source=prep.loaded.source,
+        outcome = run_study(ctx, trials=trials, storage=storage, study_name=name, model_source=prep.loaded.identity,
                             on_trial=on_trial, settings={  # what `kvtune worker` rebuilds the setup from
                                 "scenario": scen.name, "stack": stack_profile.spec if stack_profile else None,
                                 "target": target,

@@ -127,7 +127,7 @@ def worker(
         stderr.print(f"trial {number}: {escape(label)}: loss {m.quality.quality_loss:.4f}, "
                      f"{m.cost.compression_ratio:.2f}x")
 
-    outcome = run_study(ctx, trials=trials, storage=storage, study_name=study, model_source=prep.loaded.source,
+    outcome = run_study(ctx, trials=trials, storage=storage, study_name=study, model_source=prep.loaded.identity,
                         on_trial=on_trial, sampler_seed=worker_seed(int(settings.get("seed", 0)), me))
     for number, reason in outcome.failed:
         stderr.print(f"trial {number} failed: {escape(printable(str(reason)))}")

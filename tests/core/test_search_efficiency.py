@@ -112,7 +112,7 @@ def test_run_study_stops_a_hopeless_candidate_after_the_probe_slice(smol, tmp_pa
     storage = f"sqlite:///{tmp_path / 's.db'}"
     study = optuna.create_study(storage=storage, study_name="mf", directions=["minimize"] * 3)
     study.enqueue_trial(kivi2)
-    out = run_study(ctx, trials=1, storage=storage, study_name="mf", model_source=smol.source)
+    out = run_study(ctx, trials=1, storage=storage, study_name="mf", model_source=smol.identity)
     assert out.trials == [] and len(out.pruned) == 1 and "stopped after the probe slice" in out.pruned[0][1]
     t = optuna.load_study(study_name="mf", storage=storage).trials[0]
     assert t.state == optuna.trial.TrialState.COMPLETE and t.values[0] == pytest.approx(bound)
