@@ -357,22 +357,32 @@ def scoring_chunk(stages: Stages, config: EvalConfig) -> int:
     return 1 if stages.selector is not None and stages.selector.decode_time else config.chunk
 
 
-def probe_loss_bound(model: Any, evalset: EvalSet, stages: Stages, config: EvalConfig, seed: int = 0) -> float | None:
+def probe_outcomes(model: Any, evalset: EvalSet, stages: Stages, config: EvalConfig, seed: int = 0) -> list[list[bool]]:
+    """The probe slice of a trial: per probe batch (``evalset.probe_batches``), per row, whether the candidate
+    still answers the item. :func:`evaluate_quality` computes exactly this; pass it back (``probes=``) so a
+    candidate that continues after the slice is not scored on the probes twice."""
+    chunk = scoring_chunk(stages, config)
+    return [batch_probe_correct(model, b.record, b.answers, stages, chunk, seed) for b in evalset.probe_batches]
+
+
+def probe_loss_bound(model: Any, evalset: EvalSet, stages: Stages, config: EvalConfig, seed: int = 0,
+                     outcomes: list[list[bool]] | None = None) -> float | None:
     """Multi-fidelity stage 1: ``1 - probe_retention`` from the probe items alone (the cheap slice: a few answer
-    tokens per item). Every other term of ``quality_loss`` is >= 0, so this is a lower bound on the candidate's
-    full quality loss, exact in the probe term (same items, same scoring as :func:`evaluate_quality`). None when
-    the full cache answers no probe item (no bound)."""
+    tokens per item; ``outcomes`` when :func:`probe_outcomes` already ran). Every other term of ``quality_loss``
+    is >= 0, so this is a lower bound on the candidate's full quality loss, exact in the probe term (same items,
+    same scoring as :func:`evaluate_quality`). None when the full cache answers no probe item (no bound)."""
     counted = sum(p.full_correct for p in evalset.probes)
     if not counted:
         return None
-    chunk = scoring_chunk(stages, config)
-    ok = sum(sum(batch_probe_correct(model, b.record, b.answers, stages, chunk, seed)) for b in evalset.probe_batches)
-    return 1.0 - ok / counted
+    if outcomes is None:
+        outcomes = probe_outcomes(model, evalset, stages, config, seed)
+    return 1.0 - sum(sum(oks) for oks in outcomes) / counted
 
 
 def evaluate_quality(model: Any, evalset: EvalSet, pipeline: Pipeline | Stages, config: EvalConfig,
-                     seed: int = 0) -> QualityResult:
-    """Measure one pipeline on a prepared evaluation set."""
+                     seed: int = 0, probes: list[list[bool]] | None = None) -> QualityResult:
+    """Measure one pipeline on a prepared evaluation set. ``probes``: this pipeline's :func:`probe_outcomes`
+    on the same set when the multi-fidelity slice already computed them (same numbers, not run again)."""
     stages = pipeline if isinstance(pipeline, Stages) else Stages.of(pipeline)
     kls: list[torch.Tensor] = []
     agree = 0
@@ -393,8 +403,11 @@ def evaluate_quality(model: Any, evalset: EvalSet, pipeline: Pipeline | Stages, 
         n += batch.continuation.numel()
     kl_all = torch.cat(kls) if kls else torch.zeros(1)
     by_kind: dict[str, list[tuple[bool, bool]]] = {}
-    for batch in evalset.probe_batches:  # items the full cache answers
-        oks = batch_probe_correct(model, batch.record, batch.answers, stages, chunk, seed)
+    if probes is None:
+        probes = probe_outcomes(model, evalset, stages, config, seed)
+    elif [len(oks) for oks in probes] != [len(b.kinds) for b in evalset.probe_batches]:
+        raise ValueError("probes= does not match this evaluation set's probe batches")
+    for batch, oks in zip(evalset.probe_batches, probes):  # items the full cache answers
         for kind, ok in zip(batch.kinds, oks):
             by_kind.setdefault(kind, []).append((True, ok))
     for probe in evalset.probes:  # an item the full cache fails cannot count: a miss, not run
