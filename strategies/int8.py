@@ -1,4 +1,4 @@
-"""int8: asymmetric 8-bit per-token quantization of keys and values."""
+"""int8: 8-bit per-token quantization of keys and values, asymmetric (scale + zero) or symmetric (scale only)."""
 
 from __future__ import annotations
 
@@ -11,41 +11,131 @@ from kvtune.kernels.quant import dequantize_int, int_nbytes, quantize_int
 from kvtune.strategies.base import Codec, Store
 from kvtune.strategies.per_token import PerTokenStore
 
+SCALE_BYTES = 4  # a symmetric group's scale is float32, as vLLM stores it
+
+
+def quantize_symmetric(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 of ``x`` (B, H, T, D) per token and ``group_size`` channels: ``(codes int8 (B, H, T, D),
+    scale float32 (B, H, T, D/G))``.
+
+    vLLM 0.33's per-token-head formula (``_reshape_cache_per_token_head`` in
+    vllm/v1/attention/ops/triton_reshape_and_cache_flash.py, ``IS_INT_QUANT``): ``scale = max(amax / 127, 1e-6)``
+    in float32, ``q = x * (1 / scale)`` rounded half away from zero, clamped to [-128, 127]. Decoding is
+    ``q * scale`` (vLLM folds the scale into the scores and the softmax weights; the product is the same).
+    """
+    b, h, t, d = x.shape
+    g = x.float().reshape(b, h, t, d // group_size, group_size)  # (B, H, T, D/G, G)
+    scale = (g.abs().amax(dim=-1, keepdim=True) / 127.0).clamp_min(1e-6)  # (B, H, T, D/G, 1) float32
+    q = g * (1.0 / scale)
+    q = torch.where(q >= 0, q + 0.5, q - 0.5).clamp(-128.0, 127.0).trunc()  # half away from zero
+    return q.to(torch.int8).reshape(b, h, t, d), scale.squeeze(-1)
+
+
+def dequantize_symmetric(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``codes * scale`` in float32, cast to ``dtype``: (B, H, T, D) int8, (B, H, T, D/G) -> (B, H, T, D)."""
+    b, h, t, d = codes.shape
+    g = codes.float().reshape(b, h, t, scale.shape[-1], -1)  # (B, H, T, D/G, G)
+    return (g * scale[..., None]).reshape(b, h, t, d).to(dtype)
+
+
+class SymmetricInt8Store(Store):
+    """int8 codes and one float32 scale per token and group of channels, for K and V. Tokens are encoded on their
+    own, so appends and cuts are exact; the decoded view is memoized as in :class:`PerTokenStore`."""
+
+    working_buffers = ("_view",)
+
+    def __init__(self, group_size: int) -> None:
+        self.group_size = group_size
+        self.k: tuple[torch.Tensor, torch.Tensor] | None = None  # (codes (B, H, N, D) int8, scale (B, H, N, D/G))
+        self.v: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.dtype: torch.dtype | None = None
+        self.tokens = 0
+        self._view: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_symmetric(x, min(self.group_size, x.shape[-1]))
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        kq, vq = self._encode(keys), self._encode(values)
+        self.dtype = keys.dtype
+        cat = lambda old, new: new if old is None else (torch.cat([old[0], new[0]], dim=2),  # noqa: E731
+                                                       torch.cat([old[1], new[1]], dim=2))
+        self.k, self.v = cat(self.k, kq), cat(self.v, vq)
+        self.tokens += keys.shape[-2]
+        if self._view is not None:
+            self._view = (torch.cat([self._view[0], dequantize_symmetric(*kq, self.dtype)], dim=-2),
+                          torch.cat([self._view[1], dequantize_symmetric(*vq, self.dtype)], dim=-2))
+
+    def decoded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._view is None:
+            assert self.k is not None and self.v is not None and self.dtype is not None
+            self._view = (dequantize_symmetric(*self.k, self.dtype), dequantize_symmetric(*self.v, self.dtype))
+        return self._view
+
+    def keep(self, idx: torch.Tensor) -> None:
+        idx = idx.long()[..., None]  # (B, H, K, 1)
+        pick = lambda t: t.gather(2, idx.expand(-1, -1, -1, t.shape[-1]))  # noqa: E731 - (B, H, K, W)
+        assert self.k is not None and self.v is not None
+        self.k = (pick(self.k[0]), pick(self.k[1]))
+        self.v = (pick(self.v[0]), pick(self.v[1]))
+        self.tokens = idx.shape[2]
+        self._view = None
+
+    def nbytes(self) -> int:
+        if self.k is None or self.v is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+    def __len__(self) -> int:
+        return self.tokens
+
 
 @dataclass
 class Int8(Codec):
-    """Asymmetric int8 codes, one (scale, zero) per ``group_size`` channels of each token, for K and V.
+    """int8 codes per token and ``group_size`` channels, for K and V; asymmetric by default, or symmetric.
 
-    Mechanism: per token and group, scale = (max - min) / 255 and zero = min, stored in the KV dtype.
-    Reference: the per-token int8 KV cache of serving stacks (e.g. LMDeploy, TensorRT-LLM int8 KV); with one
-    group per head it is their per-token-per-head scheme. Deviations: asymmetric (scale + zero) rather than
-    symmetric, which costs one more scale per group and halves the worst-case error on skewed channels.
-    Parameters: ``group_size`` in {32, 64, 128} channels (capped at head_dim).
+    Mechanism: asymmetric: per token and group, scale = (max - min) / 255 and zero = min, stored in the KV dtype.
+    Symmetric (``symmetric: true``): scale = absmax / 127 in float32, codes rounded half away from zero; with one
+    group per head (``group_size`` >= head_dim) it is vLLM 0.33's ``int8_per_token_head`` formula exactly (see
+    :func:`quantize_symmetric`), which ``recommend --stack vllm`` searches and the vLLM export writes.
+    Reference: the per-token int8 KV cache of serving stacks (LMDeploy, TensorRT-LLM int8 KV, vLLM 0.33's
+    ``int8_per_token_head``). Deviations: the default is asymmetric (scale + zero), which costs one more scale per
+    group and halves the worst-case error on skewed channels; the serving stacks quantize symmetrically.
+    Parameters: ``group_size`` in {16, 32, 64, 128} channels (capped at head_dim); ``symmetric`` false|true.
     """
 
     name: ClassVar[str] = "int8"
-    citation: ClassVar[str] = "per-token int8 KV cache (as in LMDeploy / TensorRT-LLM int8 KV)"
-    summary: ClassVar[str] = "8-bit asymmetric, per token, grouped channels"
+    citation: ClassVar[str] = "per-token int8 KV cache (as in LMDeploy / TensorRT-LLM int8 KV / vLLM int8_per_token_head)"
+    summary: ClassVar[str] = "8-bit per token, grouped channels; asymmetric or symmetric"
 
     group_size: int = 64
+    symmetric: bool = False
 
     def __post_init__(self) -> None:
         if self.group_size not in (16, 32, 64, 128):
             raise ValueError(f"group_size must be one of 16, 32, 64, 128, got {self.group_size}")
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"symmetric must be true or false, got {self.symmetric!r}")
 
     def new_store(self) -> Store:
         group = self.group_size
+        if self.symmetric:
+            return SymmetricInt8Store(group)
         return PerTokenStore(
             lambda x: quantize_int(x, bits=8, group_size=min(group, x.shape[-1]), axis="channel"), dequantize_int)
 
     def analytic_nbytes(self, batch: int, heads: int, tokens: int, head_dim: int, dtype: torch.dtype) -> int:
         g = min(self.group_size, head_dim)
+        if self.symmetric:  # int8 codes + one float32 scale per group, K and V
+            return 2 * batch * heads * tokens * (head_dim + SCALE_BYTES * (head_dim // g))
         return 2 * int_nbytes((batch, heads, tokens, head_dim), 8, g, "channel", dtype)
 
     @classmethod
     def search_space(cls, trial: Any, scenario: Any) -> dict[str, Any]:
+        # symmetric is sampled only where a stack variant fixes it (--stack vllm: int8_per_token_head); the default
+        # search keeps the asymmetric codes, whose error on skewed channels is bounded tighter
         return {"group_size": trial.suggest_categorical("int8.group_size", [32, 64, 128])}
 
     @classmethod
     def search_space_doc(cls) -> str:
-        return "group_size {32, 64, 128}"
+        return "group_size {32, 64, 128}; symmetric false (true with --stack vllm: int8_per_token_head)"
