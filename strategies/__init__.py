@@ -59,7 +59,9 @@ def load_plugins() -> None:
 
 
 def build(axis: str, method: str, params: dict[str, Any] | None = None) -> Strategy | None:
-    """Instantiate the ``method`` of ``axis`` with ``params``; ``None`` for selection ``none``.
+    """Instantiate the ``method`` of ``axis`` with ``params``; ``None`` for selection ``none``. A parameter
+    omitted from ``params`` takes the class's ``legacy_defaults`` value if it has one (what documents written
+    before that parameter existed meant), else the dataclass default.
 
     Raises :class:`UserError` naming the stage and the parameter on anything invalid.
     """
@@ -77,7 +79,7 @@ def build(axis: str, method: str, params: dict[str, Any] | None = None) -> Strat
     if unknown:
         raise UserError(f"{axis}.params: unknown parameter '{unknown[0]}' for {method} (known: {', '.join(cls.param_names())})")
     try:
-        return cls(**(params or {}))
+        return cls(**{**cls.legacy_defaults, **(params or {})})
     except (TypeError, ValueError) as exc:
         raise UserError(f"{axis}.params ({method}): {exc}") from None
 

@@ -80,6 +80,10 @@ class Strategy(ABC):
     category: ClassVar[str]
     citation: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    # Parameters added after pipeline documents were written without them, whose default is not what those
+    # documents meant: the value an omitted one takes when a stage is built from parameters (``build``), so an
+    # older document means what it meant. kvtune writes these parameters in every document it produces.
+    legacy_defaults: ClassVar[dict[str, Any]] = {}
 
     def params(self) -> dict[str, Any]:
         return asdict(self)  # type: ignore[call-overload]

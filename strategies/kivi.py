@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from kvtune.kernels.quant import concat_tokens, dequantize_int, int_nbytes, quantize_int
+from kvtune.kernels.quant import QuantizedTensor, concat_tokens, dequantize_int, int_nbytes, quantize_int
 from kvtune.strategies.base import Codec, Store, tensor_bytes
+
+# How the full-precision value window moves (``KIVI.value_window``):
+#   "paper"        the paper's policy: the newest ``residual`` values always stay in full precision, a sliding
+#                  window; when a token enters, the oldest value beyond the window is quantized (per token).
+#   "key_schedule" the values are quantized together with the keys, on the keys' group schedule, so right after
+#                  a flush no value is in full precision (kvtune's policy before the parameter existed).
+VALUE_WINDOWS = ("paper", "key_schedule")
 
 
 def kivi_split(tokens: int, group_size: int, residual: int) -> tuple[int, int]:
-    """(quantized, full-precision) token counts after one append of ``tokens`` into an empty store.
+    """Keys: (quantized, full-precision) token counts after one append of ``tokens`` into an empty store.
 
-    The residual fills up to ``residual`` tokens; when it reaches that, every whole group of ``group_size``
-    in it is quantized and the remainder (< group_size) stays in full precision.
+    The key residual fills up to ``residual`` tokens; when it reaches that, every whole group of ``group_size``
+    in it is quantized and the remainder (< group_size) stays in full precision. Under ``value_window:
+    key_schedule`` the values split the same way.
     """
     if tokens < residual:
         return 0, tokens
@@ -23,100 +32,184 @@ def kivi_split(tokens: int, group_size: int, residual: int) -> tuple[int, int]:
     return quantized, tokens - quantized
 
 
-class KiviStore(Store):
-    working_buffers = ("_deq",)
+def kivi_value_split(tokens: int, group_size: int, residual: int, value_window: str) -> tuple[int, int]:
+    """Values: (quantized, full-precision) token counts after one append of ``tokens`` into an empty store."""
+    if value_window == "paper":
+        full = min(tokens, residual)
+        return tokens - full, full
+    return kivi_split(tokens, group_size, residual)
 
-    def __init__(self, bits: int, group_size: int, residual: int) -> None:
-        self.bits, self.group_size, self.residual = bits, group_size, residual
-        self.kq = None  # QuantizedTensor, axis="token": (B, H, Nq, D) in groups of G tokens per channel
-        self.vq = None  # QuantizedTensor, axis="channel": per token, groups of G channels
-        self.k_res: torch.Tensor | None = None  # (B, H, R, D) full precision, R < residual after a flush
-        self.v_res: torch.Tensor | None = None
-        self.n_quantized = 0
-        self.n_residual = 0
-        self._deq: tuple[torch.Tensor, torch.Tensor] | None = None  # decoded quantized part, until it changes
+
+def _head_tokens(qt: QuantizedTensor, n: int) -> QuantizedTensor:
+    """The first ``n`` tokens of ``qt`` (a whole number of groups for ``axis="token"``), contiguous."""
+    groups = n // qt.group_size if qt.axis == "token" else n
+    b, h, _, d = qt.shape
+    return dataclasses.replace(qt, packed=qt.packed[:, :, :n].contiguous(), scale=qt.scale[:, :, :groups].contiguous(),
+                               zero=qt.zero[:, :, :groups].contiguous(), shape=(b, h, n, d))
+
+
+class KiviStore(Store):
+    """Keys: ``kq`` (quantized, whole groups of G tokens per channel) then ``k_res`` (full precision, < residual
+    tokens after a flush). Values: ``vq`` (quantized per token in groups of G channels) then ``v_res`` (full
+    precision): the newest ``residual`` under the paper's policy, the same tokens as ``k_res`` under
+    ``key_schedule``. So at most as many values as keys are quantized (``n_vq <= n_kq``)."""
+
+    working_buffers = ("_deq", "_split")
+
+    def __init__(self, bits: int, group_size: int, residual: int, value_window: str = "paper") -> None:
+        self.bits, self.group_size, self.residual, self.value_window = bits, group_size, residual, value_window
+        self.kq: QuantizedTensor | None = None  # axis="token": (B, H, n_kq, D)
+        self.vq: QuantizedTensor | None = None  # axis="channel": (B, H, n_vq, D)
+        self.k_res: torch.Tensor | None = None  # (B, H, n - n_kq, D) full precision
+        self.v_res: torch.Tensor | None = None  # (B, H, n - n_vq, D) full precision
+        self.n_kq = 0
+        self.n_vq = 0
+        self.n_tokens = 0
+        # decoded quantized parts (keys, values), extended as tokens are quantized; None until first asked
+        self._deq: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._split: tuple | None = None  # attend()'s operands, until the store changes
+
+    @property
+    def n_quantized(self) -> int:
+        """Keys quantized (values: ``n_vq``)."""
+        return self.n_kq
+
+    @property
+    def n_residual(self) -> int:
+        """Keys in full precision."""
+        return self.n_tokens - self.n_kq
+
+    def _quantize_keys(self, n: int) -> None:
+        kq = quantize_int(self.k_res[:, :, :n], bits=self.bits, group_size=self.group_size, axis="token")
+        self.kq = kq if self.kq is None else concat_tokens([self.kq, kq])
+        self.k_res = self.k_res[:, :, n:].contiguous()
+        self.n_kq += n
+        if self._deq is not None:
+            self._deq = (torch.cat([self._deq[0], dequantize_int(kq)], dim=-2), self._deq[1])
+
+    def _quantize_values(self, n: int) -> None:
+        gv = min(self.group_size, self.v_res.shape[-1])
+        vq = quantize_int(self.v_res[:, :, :n], bits=self.bits, group_size=gv, axis="channel")
+        self.vq = vq if self.vq is None else concat_tokens([self.vq, vq])
+        self.v_res = self.v_res[:, :, n:].contiguous()
+        self.n_vq += n
+        if self._deq is not None:
+            self._deq = (self._deq[0], torch.cat([self._deq[1], dequantize_int(vq)], dim=-2))
 
     def _flush(self, force: bool = False) -> None:
-        if self.n_residual < self.residual and not force:
-            return
-        n = (self.n_residual // self.group_size) * self.group_size
-        if n == 0:
-            return
-        k_new, v_new = self.k_res[:, :, :n], self.v_res[:, :, :n]
-        gv = min(self.group_size, k_new.shape[-1])
-        kq = quantize_int(k_new, bits=self.bits, group_size=self.group_size, axis="token")
-        vq = quantize_int(v_new, bits=self.bits, group_size=gv, axis="channel")
-        self._deq = None if self._deq is None else (
-            torch.cat([self._deq[0], dequantize_int(kq)], dim=-2), torch.cat([self._deq[1], dequantize_int(vq)], dim=-2))
-        self.kq = kq if self.kq is None else concat_tokens([self.kq, kq])
-        self.vq = vq if self.vq is None else concat_tokens([self.vq, vq])
-        self.k_res, self.v_res = self.k_res[:, :, n:].contiguous(), self.v_res[:, :, n:].contiguous()
-        self.n_quantized += n
-        self.n_residual -= n
+        """Keys: once the key residual reaches ``residual`` (or when ``force``), quantize every whole group in
+        it. Values: under ``key_schedule`` the same tokens; under ``paper`` every value older than the newest
+        ``residual``."""
+        rk = self.n_tokens - self.n_kq
+        if rk >= self.residual or force:
+            n = (rk // self.group_size) * self.group_size
+            if n:
+                self._quantize_keys(n)
+                if self.value_window == "key_schedule":
+                    self._quantize_values(n)
+        if self.value_window == "paper":
+            over = self.n_tokens - self.n_vq - self.residual
+            if over > 0:
+                self._quantize_values(over)
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         self.k_res = keys if self.k_res is None else torch.cat([self.k_res, keys], dim=-2)
         self.v_res = values if self.v_res is None else torch.cat([self.v_res, values], dim=-2)
-        self.n_residual += keys.shape[-2]
+        self.n_tokens += keys.shape[-2]
+        self._split = None
         self._flush()
 
+    def _dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._deq is None:  # memoized: later flushes dequantize only their new tokens (nbytes excludes it)
+            b, h, _, d = self.k_res.shape
+            empty = self.k_res.new_empty((b, h, 0, d))
+            self._deq = (empty if self.kq is None else dequantize_int(self.kq),
+                         empty if self.vq is None else dequantize_int(self.vq))
+        return self._deq
+
     def decoded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.kq is None:
+        if self.kq is None and self.vq is None:
             return self.k_res, self.v_res
-        if self._deq is None:  # memoized between flushes: only new groups are dequantized (nbytes excludes it)
-            self._deq = (dequantize_int(self.kq), dequantize_int(self.vq))
-        k = torch.cat([self._deq[0], self.k_res], dim=-2)
-        v = torch.cat([self._deq[1], self.v_res], dim=-2)
-        return k, v
+        kd, vd = self._dequantized()
+        return torch.cat([kd, self.k_res], dim=-2), torch.cat([vd, self.v_res], dim=-2)
 
     def attend(self, query: torch.Tensor, scale: float, return_probs: bool = False):
+        """The int kernel over the first ``m`` tokens, quantized in both keys and values (``m`` = the quantized
+        values rounded down to whole key groups), and the rest in full precision: under ``key_schedule`` that
+        is exactly the residual; under ``paper`` it adds the keys quantized beyond ``m`` (< residual + G
+        tokens), dequantized once per store change, as the paper's kernel reads its quantized and
+        full-precision parts separately."""
         from kvtune.kernels.decode_attention import decode_attention, decode_attention_int
 
-        if self.kq is None:
-            return decode_attention(query, self.k_res, self.v_res, scale=scale, return_probs=return_probs)
-        return decode_attention_int(query, self.kq, self.vq, self.k_res, self.v_res, scale=scale,
-                                    return_probs=return_probs)
+        if self._split is None:
+            m = (self.n_vq // self.group_size) * self.group_size
+            if m == 0:
+                self._split = (None, None, *self.decoded())
+            else:
+                k_tail, v_tail = self.k_res, self.v_res  # (B, H, n - m, D) once the quantized tails join
+                if self.n_kq > m:
+                    k_tail = torch.cat([self._dequantized()[0][:, :, m:], k_tail], dim=-2)
+                if self.n_vq > m:
+                    v_tail = torch.cat([self._dequantized()[1][:, :, m:], v_tail], dim=-2)
+                kq = self.kq if self.n_kq == m else _head_tokens(self.kq, m)
+                vq = self.vq if self.n_vq == m else _head_tokens(self.vq, m)
+                self._split = (kq, vq, k_tail, v_tail)
+        kq, vq, k_tail, v_tail = self._split
+        if kq is None:
+            return decode_attention(query, k_tail, v_tail, scale=scale, return_probs=return_probs)
+        return decode_attention_int(query, kq, vq, k_tail, v_tail, scale=scale, return_probs=return_probs)
 
     def keep(self, idx: torch.Tensor) -> None:
         # Keys are grouped along tokens, so a subset cannot be cut out of the codes: decode, select, re-encode.
         k, v = self.decoded()
         gather = idx.unsqueeze(-1).expand(*idx.shape, k.shape[-1])  # (B, H, K, D)
         k, v = k.gather(2, gather), v.gather(2, gather)
-        self.__init__(self.bits, self.group_size, self.residual)  # type: ignore[misc]
+        self.__init__(self.bits, self.group_size, self.residual, self.value_window)  # type: ignore[misc]
         self.append(k, v)
-        self._flush(force=True)  # tokens that were quantized before stay quantized (whole groups)
+        self._flush(force=True)  # tokens that were quantized before stay quantized (whole key groups)
 
     def nbytes(self) -> int:
         held = tensor_bytes(self.k_res, self.v_res)
         if self.kq is not None:
-            held += self.kq.nbytes() + self.vq.nbytes()
+            held += self.kq.nbytes()
+        if self.vq is not None:
+            held += self.vq.nbytes()
         return held
 
     def __len__(self) -> int:
-        return self.n_quantized + self.n_residual
+        return self.n_tokens
 
 
 @dataclass
 class KIVI(Codec):
     """KIVI: keys quantized per channel in groups of ``group_size`` tokens, values per token in groups of
-    ``group_size`` channels, both asymmetric with ``bits`` bits; the newest tokens wait in full precision
-    until ``residual`` have gathered, then every whole group among them is quantized.
+    ``group_size`` channels, both asymmetric with ``bits`` bits, the newest tokens in full precision. Keys wait
+    in a full-precision residual until ``residual`` have gathered, then every whole group among them is
+    quantized; values follow ``value_window``: ``paper`` keeps the newest ``residual`` values in full
+    precision at every step (a sliding window, the oldest value beyond it quantized as a token enters);
+    ``key_schedule`` quantizes the values with the keys, so after a flush no value is in full precision.
 
     Paper: Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache", ICML 2024.
-    Deviations: the residual is flushed in whole groups as soon as it reaches ``residual`` tokens (the paper
-    flushes exactly ``residual`` tokens); the value residual follows the key residual. A decode-time eviction
-    over KIVI storage (H2O + KIVI) decodes, selects and re-encodes, so the kept tokens are quantized twice.
-    Parameters: ``bits`` 2|4; ``group_size`` 32|64|128 (paper: 32); ``residual`` a multiple of group_size,
-    32..256 (paper: 128).
+    Deviations: the key residual is flushed in whole groups as soon as it reaches ``residual`` tokens, the
+    remainder (< group_size) staying in full precision (the paper flushes exactly ``residual`` tokens and keeps
+    ``T mod residual`` after prefill); ``key_schedule`` is not the paper's (it was kvtune's only policy before
+    ``value_window`` existed, and costs +1.3 perplexity at 2 bits on the bundled model, docs/strategies.md). A
+    decode-time eviction over KIVI storage (H2O + KIVI) decodes, selects and re-encodes, so the kept tokens are
+    quantized twice.
+    Parameters: ``bits`` 2|4; ``group_size`` 16|32|64|128 (paper: 32); ``residual`` a multiple of group_size
+    (paper: 128); ``value_window`` paper|key_schedule (default paper). In a pipeline document an omitted
+    ``value_window`` means ``key_schedule`` (``legacy_defaults``): what documents written before it meant.
     """
 
     name: ClassVar[str] = "kivi"
     citation: ClassVar[str] = "Liu et al., KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache, ICML 2024"
     summary: ClassVar[str] = "2/4-bit, keys per channel, values per token, full-precision residual"
+    legacy_defaults: ClassVar[dict[str, Any]] = {"value_window": "key_schedule"}
 
     bits: int = 4
     group_size: int = 32
     residual: int = 128
+    value_window: str = "paper"
 
     def __post_init__(self) -> None:
         if self.bits not in (2, 4):
@@ -125,20 +218,22 @@ class KIVI(Codec):
             raise ValueError(f"group_size must be one of 16, 32, 64, 128, got {self.group_size}")
         if self.residual < self.group_size or self.residual % self.group_size:
             raise ValueError(f"residual must be a positive multiple of group_size ({self.group_size}), got {self.residual}")
+        if self.value_window not in VALUE_WINDOWS:
+            raise ValueError(f"value_window must be one of {', '.join(VALUE_WINDOWS)}, got {self.value_window!r}")
 
     def new_store(self) -> Store:
-        return KiviStore(self.bits, self.group_size, self.residual)
+        return KiviStore(self.bits, self.group_size, self.residual, self.value_window)
 
     def analytic_nbytes(self, batch: int, heads: int, tokens: int, head_dim: int, dtype: torch.dtype) -> int:
-        nq, nr = kivi_split(tokens, self.group_size, self.residual)
-        full = 2 * batch * heads * nr * head_dim * torch.finfo(dtype).bits // 8
-        if nq == 0:
-            return full
-        gv = min(self.group_size, head_dim)
-        shape = (batch, heads, nq, head_dim)
-        return full + int_nbytes(shape, self.bits, self.group_size, "token", dtype) + int_nbytes(
-            shape, self.bits, gv, "channel", dtype
-        )
+        nkq, nkr = kivi_split(tokens, self.group_size, self.residual)
+        nvq, nvr = kivi_value_split(tokens, self.group_size, self.residual, self.value_window)
+        held = batch * heads * (nkr + nvr) * head_dim * torch.finfo(dtype).bits // 8
+        if nkq:
+            held += int_nbytes((batch, heads, nkq, head_dim), self.bits, self.group_size, "token", dtype)
+        if nvq:
+            held += int_nbytes((batch, heads, nvq, head_dim), self.bits, min(self.group_size, head_dim), "channel",
+                               dtype)
+        return held
 
     @classmethod
     def search_space(cls, trial: Any, scenario: Any) -> dict[str, Any]:
@@ -146,8 +241,9 @@ class KIVI(Codec):
             "bits": trial.suggest_categorical("kivi.bits", [2, 4]),
             "group_size": trial.suggest_categorical("kivi.group_size", [32, 64]),
             "residual": trial.suggest_categorical("kivi.residual", [64, 128]),
+            "value_window": "paper",  # not searched: key_schedule saves < residual values' precision, loses more
         }
 
     @classmethod
     def search_space_doc(cls) -> str:
-        return "bits {2, 4}, group_size {32, 64}, residual {64, 128}"
+        return "bits {2, 4}, group_size {32, 64}, residual {64, 128}; value_window paper (fixed)"

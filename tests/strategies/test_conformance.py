@@ -48,7 +48,7 @@ CODEC_CASES: dict[str, dict] = {
     "bf16": {},
     "fp8": {"fmt": "e4m3", "scale": "head"},
     "int8": {"group_size": 32},
-    "kivi": {"bits": 2, "group_size": 16, "residual": 16},
+    "kivi": {"bits": 2, "group_size": 16, "residual": 16, "value_window": "paper"},  # key_schedule: test_kivi.py
     "lowrank": {"rank": 4},
     "mixed": {"edge": "fp16", "middle": "kivi2", "edge_layers": 1},
 }
