@@ -106,21 +106,19 @@ class StackProfile:
 
     def kv_dtype(self, codec: Stage) -> tuple[dict[str, Any] | None, bool]:
         """The ``kv_dtypes`` entry that stores ``codec`` and whether it is exact (same method and parameters as
-        measured). An fp8 codec whose scale granularity the stack lacks maps to the entry with its format (or the
-        first fp8 entry), not exact; a codec with no entry maps to None."""
+        measured). A codec whose numerics the stack lacks (an fp8 scale granularity, asymmetric int8) maps to the
+        first entry of its method (for fp8, of its format first), not exact; a codec with no entry maps to None."""
         pair = self.paired()
         entries = self.data.get("kv_dtypes") or (pair.data.get("kv_dtypes") if pair is not None else None) or []
         want = {"method": codec.method, **codec.params}
         for e in entries:
             if all(want.get(k) == v for k, v in e["codec"].items()):
                 return e, True
+        same = [e for e in entries if e["codec"].get("method") == codec.method]
         if codec.method == "fp8":
             fmt = codec.params.get("fmt", "e4m3")
-            same = [e for e in entries if e["codec"].get("method") == "fp8" and e["codec"].get("fmt") == fmt]
-            anyfp8 = [e for e in entries if e["codec"].get("method") == "fp8"]
-            if same or anyfp8:
-                return (same or anyfp8)[0], False
-        return None, False
+            same = [e for e in same if e["codec"].get("fmt") == fmt] + same
+        return (same[0], False) if same else (None, False)
 
 
 # -- loading ------------------------------------------------------------------------------------------------
@@ -236,8 +234,8 @@ def _variant_label(variant: dict[str, Any]) -> str:
 def nearest(pipeline: Pipeline, profile: StackProfile) -> tuple[Pipeline, list[str]]:
     """The pipeline ``profile``'s stack really runs for ``pipeline`` (what its export writes), and one line per
     change. Selections the stack lacks become ``none`` (TensorRT-LLM's window drops StreamingLLM's sinks), codecs
-    become the stack's nearest variant (an fp8 with another scale granularity) or the model dtype, placements the
-    stack lacks become ``gpu``. ``measured`` is dropped: the result has to be measured."""
+    become the stack's nearest variant (an fp8 with another scale granularity, int8 made symmetric) or the model
+    dtype, placements the stack lacks become ``gpu``. ``measured`` is dropped: the result has to be measured."""
     changes: list[str] = []
     stages = {axis: getattr(pipeline, axis) for axis in AXES}
     if profile.runs_everything():
@@ -254,8 +252,9 @@ def nearest(pipeline: Pipeline, profile: StackProfile) -> tuple[Pipeline, list[s
     codec = stages["codec"]
     if not profile.runs(codec, "codec"):
         entry, _ = profile.kv_dtype(codec)
-        if entry is not None and "fp8" in (profile.methods("codec") or ()):
-            new = Stage(method="fp8", params={k: v for k, v in entry["codec"].items() if k != "method"})
+        if entry is not None and entry["codec"]["method"] in (profile.methods("codec") or ()):
+            new = Stage(method=entry["codec"]["method"],
+                        params={k: v for k, v in entry["codec"].items() if k != "method"})
         else:
             new = Stage(method=IDENTITY_CODEC, params={})
         changes.append(f"codec {codec.label()} -> {new.label()}")

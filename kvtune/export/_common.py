@@ -35,6 +35,7 @@ import yaml
 from kvtune.errors import printable
 from kvtune.io import dump_yaml
 from kvtune.pipeline import Pipeline, Stage
+from kvtune.report import measured_lines
 
 GIB = 1024**3
 
@@ -189,8 +190,8 @@ def profile_kv_dtype(profile: Any, p: Pipeline, notes: "Notes", *, fallback_note
 
 
 def codec_factor(stack_kv_dtype: str) -> float:
-    """Bytes of the stack's KV element relative to the 16-bit model dtype."""
-    return 0.5 if "fp8" in stack_kv_dtype else 1.0
+    """Bytes of the stack's KV element relative to the 16-bit model dtype (8-bit dtypes: fp8*, int8_per_token_head)."""
+    return 0.5 if stack_kv_dtype.startswith(("fp8", "int8")) else 1.0
 
 
 def stack_capacity(p: Pipeline, *, exact: bool, stack_kv_dtype: str, kept_fraction: float = 1.0
@@ -246,8 +247,12 @@ def round_gib(n_bytes: int) -> float:
 
 
 def header_lines(*, title: str, p: Pipeline, stack: str, version: str, options_file: str | None,
-                 usage: list[str], notes: Notes, kvtune_version: str) -> list[str]:
-    """The comment block at the top of every exported file (without comment markers)."""
+                 usage: list[str], notes: Notes, kvtune_version: str, measured_title: str | None = None) -> list[str]:
+    """The comment block at the top of every exported file (without comment markers).
+
+    A measured pipeline's figures follow, as the recommend report prints them (:func:`kvtune.report.measured_lines`),
+    under a title saying whether the file runs exactly what was measured (nothing left out or changed) or not;
+    ``measured_title`` replaces that title where the file's own rule differs (the HF script runs kvtune's cache)."""
     lines = [title, f"checked against {stack} {version}"]
     if options_file:
         lines[-1] += f" (option list: kvtune/export/options/{options_file})"
@@ -277,6 +282,16 @@ def header_lines(*, title: str, p: Pipeline, stack: str, version: str, options_f
         lines.append("")
         lines.append("Notes:")
         lines += [f"  - {i}" for i in notes.info]
+    if p.measured is not None:  # the figures of the recommend report / pipeline file, formatted by the same code
+        lines.append("")
+        if measured_title is not None:
+            lines.append(measured_title)
+        elif notes.dropped:
+            lines.append(f"Measured by kvtune on the pipeline as given, NOT on what this file runs (see LEFT OUT OR "
+                         f"CHANGED; 'kvtune recommend --stack' measures what {stack} runs):")
+        else:
+            lines.append(f"Measured by kvtune on exactly what this file runs ({stack} {version} numerics):")
+        lines += [f"  {line}" for line in measured_lines(p)]
     return lines
 
 

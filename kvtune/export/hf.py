@@ -84,10 +84,11 @@ def cache_settings(p: Pipeline, notes: c.Notes, *, runner: str = f"{SNIPPET_FILE
         group = c.int_param(codec, "group_size", 64)
         impl = "quantized"
         cache_config = {"backend": "hqq", "nbits": 8, "q_group_size": group, "axis_key": 1, "axis_value": 1}
+        zero = " with a zero point (asymmetric; symmetric=true is not available)" if codec.params.get("symmetric") else ""
         notes.approximated(
             f"codec {codec.label()}",
-            "transformers' QuantizedCache (hqq, 8 bits) groups along one axis and keeps the newest 128 tokens in "
-            "full precision (residual_length default); needs hqq installed",
+            f"transformers' QuantizedCache (hqq, 8 bits) groups along one axis{zero} and keeps the newest 128 tokens "
+            "in full precision (residual_length default); needs hqq installed",
         )
     elif codec.method not in c.IDENTITY_CODECS:
         notes.not_expressible(f"codec {codec.label()}", f"the model dtype (dynamic cache); {runner} runs it")
@@ -149,6 +150,8 @@ def snippet(p: Pipeline, notes: c.Notes, impl: str, cache_config: dict[str, Any]
                f"  cache_implementation={impl!r}" + (f", cache_config={json.dumps(cache_config, sort_keys=True)}" if cache_config else ""),
                "this script runs the whole pipeline through kvtune's own Cache (needs kvtune installed)"],
         notes=notes, kvtune_version=c.kvtune_version(),
+        measured_title=("Measured by kvtune on exactly what this script runs (kvtune's Cache; the generation_config "
+                        "fragment is what LEFT OUT OR CHANGED says):" if notes.dropped else None),
     )
     body = f'''{c.python_docstring(header)}
 

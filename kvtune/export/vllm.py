@@ -10,8 +10,11 @@ Mapping (docs/exports.md has the full table):
 * codec ``fp8`` -> the profile's KV dtype: ``fp8_e4m3``/``fp8_e5m2`` (one static scale per layer, 1.0 unless
   calibrated: kvtune's ``scale: tensor``; e5m2 with ``attention-backend: FLASHINFER``, since FlashAttention reads
   e4m3 only) or ``fp8_per_token_head`` for ``scale: token`` e4m3 (``attention-backend: TRITON_ATTN``). Another
-  scale granularity is written as the nearest dtype with a note. ``int8``, ``kivi`` and unknown codecs are not
-  expressible (the KV stays in the model dtype).
+  scale granularity is written as the nearest dtype with a note.
+* codec ``int8`` with ``symmetric: true`` (one group per head) -> ``int8_per_token_head``
+  (``attention-backend: TRITON_ATTN``), vLLM's formula exactly; kvtune's asymmetric int8 is written as the same
+  dtype with a note (vLLM has no zero point). ``kivi`` and unknown codecs are not expressible (the KV stays in the
+  model dtype).
 * selection (any eviction) -> not expressible: vLLM never evicts tokens of a running sequence.
 * placement ``offload`` on ``cpu`` -> ``kv-offloading-backend: native`` + ``kv-offloading-size`` (GiB, summed
   over tensor-parallel ranks); on ``disk`` -> LMCache through ``kv-transfer-config``. vLLM's offload tier holds

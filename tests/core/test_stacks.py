@@ -70,7 +70,9 @@ def test_versions_and_errors() -> None:
 
 def test_narrow_keeps_what_the_stack_runs() -> None:
     dc = narrow(get_scenario("datacenter"), get_profile("vllm"))
-    assert (dc.selection, dc.codecs, dc.placements) == (("none",), ("fp16", "fp8"), ("gpu",))
+    assert (dc.selection, dc.codecs, dc.placements) == (("none",), ("fp16", "fp8", "int8"), ("gpu",))
+    assert narrow(get_scenario("datacenter"), get_profile("vllm@0.11")).codecs == ("fp16", "fp8"), \
+        "int8_per_token_head arrives in 0.33"
     trt = narrow(get_scenario("datacenter"), get_profile("trtllm"))
     assert trt.selection == ("none", "sliding_window"), "no streaming_llm: the PyTorch backend ignores the sinks"
     assert narrow(get_scenario("long-context"), get_profile("hf")).selection == get_scenario("long-context").selection
@@ -100,6 +102,10 @@ def test_search_suggests_only_what_the_stack_runs_with_its_numerics(spec: str) -
     if "fp8" in (profile.methods("codec") or ()):
         fp8 = {s for s in seen if s.startswith("fp8")}
         assert fp8 and all("scale=tensor" in s or "scale=token" in s for s in fp8), seen
+    if "int8" in (profile.methods("codec") or ()):  # vLLM 0.33: only int8_per_token_head's numerics
+        assert {s for s in seen if s.startswith("int8")} == {"int8(group_size=128,symmetric=True)"}, seen
+    else:
+        assert not any(s.startswith("int8") for s in seen), seen
 
 
 def test_nearest_is_what_the_export_runs() -> None:
@@ -115,6 +121,12 @@ def test_nearest_is_what_the_export_runs() -> None:
     exact = _pipeline(codec=("fp8", {"fmt": "e4m3", "scale": "token"}))
     assert nearest(exact, get_profile("vllm"))[1] == []
     assert nearest(exact, get_profile("vllm@0.11"))[0].codec.params == {"fmt": "e4m3", "scale": "tensor"}
+    asym = _pipeline(codec=("int8", {"group_size": 64}))  # vLLM 0.33 has no zero point: the symmetric variant
+    near, changes = nearest(asym, get_profile("vllm"))
+    assert near.codec.label() == "int8(group_size=128,symmetric=True)"
+    assert changes == ["codec int8(group_size=64) -> int8(group_size=128,symmetric=True)"]
+    assert nearest(asym, get_profile("vllm@0.11"))[0].codec.label() == "fp16"
+    assert nearest(asym, get_profile("sglang"))[0].codec.label() == "fp16"
 
 
 def test_docs_crosswalk_is_generated_from_the_profiles() -> None:

@@ -1,7 +1,7 @@
 """Pipelines the export tests run over, and a checker for recorded option lists.
 
 The cases together cover every mapping rule of docs/exports.md: identity, each codec (fp8 e4m3/e5m2 with head and
-token scales, int8, kivi, an unknown one), each selection method (known, later and unknown), token and fraction
+token scales, int8 asymmetric and symmetric, kivi, an unknown one), each selection method (known, later and unknown), token and fraction
 budgets with and without a known context, both offload tiers with and without host bytes or measurements, an
 unknown placement, prefix caching on and off, max_model_len set and unset, measured capacity present and absent,
 a hub-id model and a local model path.
@@ -80,6 +80,12 @@ CASES: dict[str, dict[str, Any]] = {
         switches={"prefix_caching": True, "max_model_len": 16384, "gpu_memory_fraction": 0.9},
         measured=measured(context=4096, capacity=100, capacity_full=20, bpt=4608.0),
         provenance=provenance(source="/models/llama.gguf"),
+    ),
+    # vLLM 0.33's int8_per_token_head exactly (symmetric, one group per head), measured: written as measured
+    "int8_per_token_head_measured": _p(
+        codec=("int8", {"group_size": 128, "symmetric": True}),
+        switches={"prefix_caching": True, "max_model_len": 32768, "gpu_memory_fraction": 0.9},
+        measured=measured(capacity=23, capacity_full=12, bpt=16896.0), provenance=provenance(),
     ),
     # streaming_llm with a fraction budget and no known context (TensorRT-LLM cannot turn it into tokens)
     "streaming_fraction_no_context": _p(selection=("streaming_llm", {"budget": 0.1, "sinks": 4})),

@@ -82,8 +82,9 @@ def _written(target: str, case: str, filename: str, tmp_path: Path) -> tuple[Pat
     return path, yaml.safe_load(text)
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_vllm_config_loads_with_vllms_parser(case: str, tmp_path: Path) -> None:
+def parse_with_vllm(path: Path) -> dict:
+    """``vllm serve --config path`` through vLLM's own ``FlexibleArgumentParser`` (read from the release sdist) on a
+    parser declaring the recorded options: the parsed arguments (skips without the sdist)."""
     exp = EXPORTERS["vllm"]
     source = _read(f"vllm-{exp.version}.tar.gz", "vllm/utils/argparse_utils.py")
     logger_mod = types.ModuleType("vllm.logger")
@@ -97,14 +98,12 @@ def test_vllm_config_loads_with_vllms_parser(case: str, tmp_path: Path) -> None:
             parser.add_argument(f"--{key}", action=argparse.BooleanOptionalAction)
         else:
             parser.add_argument(f"--{key}", **_typed(spec))
-    path, body = _written("vllm", case, "vllm.yaml", tmp_path)
-    args = vars(parser.parse_args(["--config", str(path)]))
-    for key, value in body.items():
-        assert args[key.replace("-", "_")] == value, key
+    return vars(parser.parse_args(["--config", str(path)]))
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_sglang_config_loads_with_sglangs_parser(case: str, tmp_path: Path) -> None:
+def parse_with_sglang(path: Path) -> dict:
+    """``sglang.launch_server --config path`` through SGLang's own ``ConfigArgumentMerger`` (read from the release
+    wheel) on a parser declaring the recorded options: the parsed arguments (skips without the wheel)."""
     exp = EXPORTERS["sglang"]
     source = _read(f"sglang-{exp.version}-*.whl", "sglang/srt/utils/server_args_config_parser.py")
     ns = _load("sglang.srt.utils.server_args_config_parser", source, {})
@@ -115,8 +114,21 @@ def test_sglang_config_loads_with_sglangs_parser(case: str, tmp_path: Path) -> N
             parser.add_argument(f"--{key}", action="store_true")
         else:
             parser.add_argument(f"--{key}", **_typed(spec))
-    path, body = _written("sglang", case, "sglang.yaml", tmp_path)
     merged = ns["ConfigArgumentMerger"](parser=parser).merge_config_with_args(["--config", str(path)])
-    args = vars(parser.parse_args(merged))
+    return vars(parser.parse_args(merged))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_vllm_config_loads_with_vllms_parser(case: str, tmp_path: Path) -> None:
+    path, body = _written("vllm", case, "vllm.yaml", tmp_path)
+    args = parse_with_vllm(path)
+    for key, value in body.items():
+        assert args[key.replace("-", "_")] == value, key
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_sglang_config_loads_with_sglangs_parser(case: str, tmp_path: Path) -> None:
+    path, body = _written("sglang", case, "sglang.yaml", tmp_path)
+    args = parse_with_sglang(path)
     for key, value in body.items():
         assert args[key.replace("-", "_")] == value, key

@@ -11,6 +11,14 @@ LEFT OUT OR CHANGED (transformers 5.24.0 cannot express them):
 
 Notes:
   - serving switches (prefix_caching, max_model_len, gpu_memory_fraction) have no generate() equivalent: they apply to serving stacks
+
+Measured by kvtune on exactly what this script runs (kvtune's Cache; the generation_config fragment is what LEFT OUT OR CHANGED says):
+  pipeline      sliding_window(budget=512) + fp16 @ gpu
+  quality       loss 0.0500 = KL 0.0200 (max 0.400); top-1 agreement 97%; perplexity 9.100 (full 9.000)
+  probes        passkey - (full -), kv-retrieval - (full -)
+  memory        9,216 bytes/token vs 36,864 full (4.00x smaller)
+  capacity      30 sequences of 2,048 tokens vs 10 full, in a 20.00 GiB device pool
+  attention     1.500 ms/step vs 2.500 ms full, one sequence (measured: torch-cpu on cpu)
 """
 
 import sys
