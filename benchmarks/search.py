@@ -19,8 +19,9 @@ value), so every feasible point contributes.
 
 Multi-fidelity ("kvtune + MF"): kvtune's sampler with the early-stop rule of :func:`kvtune.search.stop_early`:
 a candidate whose probe slice alone bounds its quality loss above the ceiling costs only that slice (its
-measured fraction of the full trial) and reports the bound; the others cost the slice plus the full trial. Its
-budget is counted in full-trial equivalents, so its row says what the same compute buys.
+measured fraction of the full trial) and reports the bound; the others cost one full trial (the full measurement
+reuses the slice's probe outcomes, ``measure(..., probes=)``). Its budget is counted in full-trial equivalents, so
+its row says what the same compute buys.
 
     python benchmarks/search.py [--grid benchmarks/results/search_grid.json] [--seeds 5] [--measure-only]
 
@@ -45,20 +46,24 @@ import numpy as np
 from kvtune.io import atomic_write_text
 from kvtune.pipeline import Pipeline
 from kvtune.scenarios import Scenario, get_scenario
-from kvtune.search import WARM_START, choose, feasible, make_sampler, objectives, suggest_pipeline, warm_start
+from kvtune.search import WARM_START, choose, feasible, make_sampler, objectives, suggest_pipeline, violation, warm_start
 
 SCENARIO = "datacenter"
 HARDWARE = "h100-sxm"  # the cost side: kvtune's serving model for this reference GPU (deterministic)
-# decode-time selectors (H2O, TOVA) score one token per forward (~10x a trial on this CPU); PyramidKV and Ada-KV
-# (SnapKV variants), KNorm and the sliding window are left out so the grid is measurable within the hour on a
-# 2-core machine shared with other jobs (load average ~14 while it ran)
+# decode-time selectors (H2O, TOVA) score one token per forward (~10x a trial on this CPU) and are left out; the
+# grid is what a datacenter user searches first: SnapKV at three budgets (query-aware; 0.9 is the near-lossless
+# end), StreamingLLM at two, no selection; fp8 in both formats, int8 at two group sizes, KIVI at 2 and 4 bits with
+# two group sizes. 6 selections x 9 codecs = 54 points, so 15% of the grid is 8 evaluations while the feasible
+# front has more points than that (the 20-point grid before made the 15% target unreachable by construction).
 GRID_SELECTION = ("none", "streaming_llm", "snapkv")
 GRID_CODECS = ("fp16", "fp8", "int8", "kivi")
 GRID_VALUES: dict[str, list[Any]] = {  # by full parameter name, else by the part after the method's dot
     "streaming_llm.budget": [0.3, 0.6],
-    "snapkv.budget": [0.3],  # one budget: the grid's measuring hour ran out (see docs/benchmarks.md)
-    "budget": [0.3, 0.6],
-    "bits": [2, 4],
+    "snapkv.budget": [0.3, 0.6, 0.9],
+    "fp8.fmt": ["e4m3", "e5m2"],
+    "int8.group_size": [32, 128],
+    "kivi.bits": [2, 4],
+    "kivi.group_size": [32, 64],
 }
 BUDGETS = (0.10, 0.15, 0.25, 0.50)
 SLICE_TIMED = 8  # points whose probe slice is timed on its own; the rest use the median fraction of these
@@ -66,6 +71,7 @@ SLICE_TIMED = 8  # points whose probe slice is timed on its own; the rest use th
 # kvtune+mf: the default with multi-fidelity early stops; random and NSGA-II: Optuna's, for comparison
 SAMPLERS = ("kvtune", "kvtune-cold", "kvtune+mf", "random", "nsga2")
 TARGET_HV, TARGET_BUDGET = 0.95, 0.15
+MAX_TRIALS_PER_POINT = 5  # replay trials per grid point before a sampler counts as stuck (repeats are free)
 
 
 class GridTrial:
@@ -145,7 +151,21 @@ def measure_grid(path: Path, scenario: Scenario) -> dict[str, Any]:
 
     cache["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, " \
                        f"{torch.get_num_threads()} torch threads (quality); cost: serving model for {HARDWARE}"
+    if cache["points"]:  # new points must be comparable with the cached ones: same evaluation set, same quality code
+        if cache.get("eval_config") != prep.eval_config.__dict__:
+            raise SystemExit(f"{path}: measured with another evaluation set ({cache.get('eval_config')}); "
+                             "move it away to measure the grid anew")
+        label, entry = min(((k, e) for k, e in cache["points"].items()
+                            if e["pipeline"]["measured"]["quality"]["quality_loss"] > 0), key=lambda ke: ke[1]["full_s"])
+        again = measure(ctx, Pipeline.model_validate(entry["pipeline"])).measured.quality.quality_loss  # type: ignore[union-attr]
+        cached = entry["pipeline"]["measured"]["quality"]["quality_loss"]
+        if abs(again - cached) > 1e-4:
+            raise SystemExit(f"{path}: '{label}' measures {again:.4f} now, {cached:.4f} in the cache (the quality "
+                             "code changed); move the cache away to measure the grid anew")
+        print(f"check: '{label}' still measures {again:.4f}", file=sys.stderr)
     cache["eval_config"] = prep.eval_config.__dict__
+    cache.setdefault("load_note", "the first 20 points (Nov 29) were measured at a load average of about 14 on the "
+                     "shared 2-core machine; later points carry their own measured_at and load_average_1min")
     for i, p in enumerate(missing, 1):
         t0 = time.perf_counter()
         m = measure(ctx, p)
@@ -159,7 +179,8 @@ def measure_grid(path: Path, scenario: Scenario) -> dict[str, Any]:
             probe_s = round(time.perf_counter() - t0, 3)
             assert again is None or bound is None or abs(again - bound) < 1e-5, (again, bound)  # retention is stored rounded
         cache["points"][p.label()] = {"pipeline": m.to_dict(), "full_s": round(full_s, 3), "probe_s": probe_s,
-                                      "probe_bound": bound}
+                                      "probe_bound": bound, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                      "load_average_1min": round(os.getloadavg()[0], 2)}
         atomic_write_text(path, json.dumps(cache, indent=1) + "\n")  # an interrupted run keeps what it measured
         print(f"[{i}/{len(missing)}] {p.label()}: loss {m.measured.quality.quality_loss:.4f} "  # type: ignore[union-attr]
               f"({full_s:.1f} s, probe slice {'-' if probe_s is None else f'{probe_s:.1f} s'})", file=sys.stderr)
@@ -205,11 +226,11 @@ def slice_fraction(entry: dict[str, Any], points: dict[str, Any]) -> float:
 
 
 # -- replay -----------------------------------------------------------------------------------------------------
-def make(kind: str, seed: int, budget: int) -> Any:
+def make(kind: str, seed: int, budget: int, warm: int) -> Any:
     import optuna
 
     if kind.startswith("kvtune"):
-        return make_sampler(seed, budget)
+        return make_sampler(seed, budget, warm)
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if kind == "nsga2":  # a population of 10: the default 50 would make every budget here pure random search
@@ -227,12 +248,11 @@ def replay(kind: str, seed: int, points: dict[str, Any], built: dict[str, Pipeli
     ceiling = scenario.max_quality_loss
     n_grid = len(built)
     budgets = [max(1, round(b * n_grid)) for b in BUDGETS]
-    study = optuna.create_study(directions=["minimize"] * 3, sampler=make(kind, seed, budgets[-1]))
-    if kind == "kvtune-cold":  # the setup before warm starts: the full cache only
-        study.enqueue_trial(WARM_START[0])
-    elif kind.startswith("kvtune"):
-        for params in warm_start(scenario):
-            study.enqueue_trial(params)
+    # exactly what run_study does for a new study of budgets[-1] trials: make_sampler, then the warm starts
+    starts = [WARM_START[0]] if kind == "kvtune-cold" else warm_start(scenario) if kind.startswith("kvtune") else []
+    study = optuna.create_study(directions=["minimize"] * 3, sampler=make(kind, seed, budgets[-1], len(starts)))
+    for params in starts:  # kvtune-cold: the setup before warm starts, the full cache only
+        study.enqueue_trial(params)
     seen: dict[str, Pipeline | None] = {}  # label -> measured pipeline (None: stopped after the probe slice)
     spent = [0.0]
     marks: list[dict[str, Any]] = []
@@ -244,22 +264,30 @@ def replay(kind: str, seed: int, points: dict[str, Any], built: dict[str, Pipeli
         stopped = mf and entry["probe_bound"] is not None and entry["probe_bound"] > ceiling + 1e-12
         if label not in seen:
             frac = slice_fraction(entry, points)
-            spent[0] += (frac if stopped else 1.0 + frac) if mf else 1.0
+            spent[0] += frac if stopped else 1.0  # a continuing candidate's full trial reuses its slice
             seen[label] = None if stopped else p
+        # the constraint exactly as run_study sets it: the slice's bound for a stopped candidate, else violation()
+        trial.set_constraint("quality_loss", entry["probe_bound"] - ceiling if stopped else violation(p.measured.quality, scenario))  # type: ignore[union-attr]
         if stopped:
             q = entry["probe_bound"]
-        trial.set_constraint("quality_loss", q - ceiling)
         return q, sp, b
+
+    def mark(trials: int, reached: bool) -> None:
+        found = [p for p in seen.values() if p is not None]
+        marks.append({"budget": BUDGETS[len(marks)], "evaluations": round(spent[0], 2), "trials": trials,
+                      "reached": reached, **scorer.score(found)})
 
     def after(study_: Any, _trial: Any) -> None:
         while len(marks) < len(budgets) and spent[0] >= budgets[len(marks)] - 1e-9:
-            found = [p for p in seen.values() if p is not None]
-            marks.append({"budget": BUDGETS[len(marks)], "evaluations": round(spent[0], 2),
-                          "trials": len(study_.trials), **scorer.score(found)})
-        if len(marks) == len(budgets) or len(study_.trials) >= 20 * n_grid:
+            mark(len(study_.trials), True)
+        if len(marks) == len(budgets):
             study_.stop()
 
-    study.optimize(objective, n_trials=40 * n_grid, callbacks=[after])
+    # a sampler that keeps proposing what it has already measured is stuck: after MAX_TRIALS_PER_POINT x the grid's
+    # size in trials, the budgets it has not reached are scored on what it found (``reached`` false)
+    study.optimize(objective, n_trials=MAX_TRIALS_PER_POINT * n_grid, callbacks=[after])
+    while len(marks) < len(budgets):
+        mark(len(study.trials), False)
     return marks
 
 
@@ -290,14 +318,14 @@ def main() -> int:
     # the whole grid measured with the early-stop rule, in full-trial time: stopped points cost their slice only
     plain_s = sum(e["full_s"] for e in points.values())
     mf_s = sum(e["full_s"] * (slice_fraction(e, points) if e["probe_bound"] is not None
-                              and e["probe_bound"] > scenario.max_quality_loss + 1e-12 else 1 + slice_fraction(e, points))
+                              and e["probe_bound"] > scenario.max_quality_loss + 1e-12 else 1.0)
                for e in points.values())
     rows: list[dict[str, Any]] = []
     for kind in SAMPLERS:
         runs = [replay(kind, seed, points, built, scenario, scorer) for seed in range(args.seeds)]
         for i, b in enumerate(BUDGETS):
             at = [r[i] for r in runs if i < len(r)]
-            rows.append({"sampler": kind, "budget": b, "runs": len(at),
+            rows.append({"sampler": kind, "budget": b, "runs": len(at), "reached": sum(m["reached"] for m in at),
                          "hv_median": statistics.median(m["hv_ratio"] for m in at),
                          "hv_min": min(m["hv_ratio"] for m in at), "hv_max": max(m["hv_ratio"] for m in at),
                          "picks_equal": sum(m["pick_is_grid_pick"] for m in at),

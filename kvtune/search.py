@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 from kvtune.errors import UserError, printable
 from kvtune.measure.kernels_cost import measure_cost
-from kvtune.measure.quality import EvalConfig, EvalSet, evaluate_quality, probe_loss_bound
+from kvtune.measure.quality import EvalConfig, EvalSet, evaluate_quality, probe_loss_bound, probe_outcomes
 from kvtune.measure.target import Target
 from kvtune.pipeline import Measured, Pipeline, Stage, Switches, validate_pipeline
 from kvtune.scenarios import Scenario, followup_ok
@@ -86,7 +86,7 @@ def warm_start(scenario: Scenario) -> list[dict[str, Any]]:
             and scenario.allows("placement", w["placement"])]
 
 
-def make_sampler(seed: int, trials: int) -> Any:
+def make_sampler(seed: int, trials: int, warm: int = 0) -> Any:
     """kvtune's sampler: multivariate TPE with grouped decomposition (each method's parameters form their own
     group, so the sampler never models a parameter of a method the trial did not pick), random startup trials
     for a third of the budget (4 to 10), and the scenario's quality ceiling as a constraint (``set_constraint``).
@@ -108,20 +108,24 @@ class SearchContext:
     multi_fidelity: bool = True  # stop a candidate after the probe slice when it can no longer be feasible
 
 
-def stop_early(ctx: SearchContext, stages: Stages) -> float | None:
-    """Multi-fidelity rule: the probe slice's lower bound on quality loss when it already exceeds the scenario's
-    ceiling (the candidate can never be feasible, so never the pick), else None (measure it in full)."""
+def stop_early(ctx: SearchContext, stages: Stages) -> tuple[float | None, list[list[bool]] | None]:
+    """Multi-fidelity rule: run the probe slice; (its lower bound on quality loss when that already exceeds the
+    scenario's ceiling (the candidate can never be feasible, so never the pick), else None (measure it in full);
+    the slice's per-item outcomes, which :func:`measure` reuses instead of scoring the probes again)."""
     if not ctx.multi_fidelity:
-        return None
-    bound = probe_loss_bound(ctx.model, ctx.evalset, stages, ctx.eval_config, ctx.seed)
-    return bound if bound is not None and bound > ctx.scenario.max_quality_loss + 1e-12 else None
+        return None, None
+    outcomes = probe_outcomes(ctx.model, ctx.evalset, stages, ctx.eval_config, ctx.seed)
+    bound = probe_loss_bound(ctx.model, ctx.evalset, stages, ctx.eval_config, ctx.seed, outcomes=outcomes)
+    return (bound if bound is not None and bound > ctx.scenario.max_quality_loss + 1e-12 else None), outcomes
 
 
-def measure(ctx: SearchContext, pipeline: Pipeline, trial_number: int | None = None) -> Pipeline:
-    """Measure quality and cost of one pipeline; returns a copy carrying ``measured``."""
+def measure(ctx: SearchContext, pipeline: Pipeline, trial_number: int | None = None,
+            probes: list[list[bool]] | None = None) -> Pipeline:
+    """Measure quality and cost of one pipeline; returns a copy carrying ``measured``. ``probes``: the probe
+    slice's outcomes (:func:`stop_early`) for this pipeline, reused rather than computed again."""
     stages = Stages.of(pipeline)
     started = time.perf_counter()
-    quality = evaluate_quality(ctx.model, ctx.evalset, stages, ctx.eval_config, ctx.seed)
+    quality = evaluate_quality(ctx.model, ctx.evalset, stages, ctx.eval_config, ctx.seed, probes)
     cost = measure_cost(stages, ctx.target.cost, ctx.seed)
     serving = ctx.target.price(stages, pipeline, cost)
     measured = Measured(quality=quality, cost=cost, serving=serving, trial=trial_number,
@@ -253,7 +257,7 @@ def run_study(ctx: SearchContext, *, trials: int, storage: str, study_name: str,
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     fingerprint = eval_fingerprint(ctx, model_source)
 
-    sampler = make_sampler(ctx.seed if sampler_seed is None else sampler_seed, trials)
+    sampler = make_sampler(ctx.seed if sampler_seed is None else sampler_seed, trials, len(warm_start(ctx.scenario)))
     opened = open_storage(storage)  # heartbeat + retry of trials whose process died (kvtune/storage.py)
     try:
         study = optuna.create_study(storage=opened, study_name=study_name, sampler=sampler,
@@ -307,9 +311,9 @@ def run_study(ctx: SearchContext, *, trials: int, storage: str, study_name: str,
                 if on_trial:
                     on_trial(trial.number, None, f"rejected before running: {reason}")
                 raise optuna.TrialPruned(reason)
-            bound = stopped.get(label)
+            bound, probes = stopped.get(label), None
             if bound is None:
-                bound = stop_early(ctx, stages)
+                bound, probes = stop_early(ctx, stages)
             if bound is not None:  # infeasible for sure: priced (cheap), recorded with its bound, not stored
                 stopped[label] = bound
                 cost = measure_cost(stages, ctx.target.cost, ctx.seed)
@@ -322,7 +326,7 @@ def run_study(ctx: SearchContext, *, trials: int, storage: str, study_name: str,
                 if on_trial:
                     on_trial(trial.number, None, reason)
                 return (bound, sv.ttft_ms if prefer == "ttft" else -sv.tokens_per_s, cost.bytes_per_token)
-            measured = measure(ctx, pipeline, trial.number)
+            measured = measure(ctx, pipeline, trial.number, probes)
             done[label] = measured
         trial.set_constraint("quality_loss", violation(measured.measured.quality, ctx.scenario))  # type: ignore[union-attr]
         trial.set_user_attr(ATTR_PIPELINE, measured.model_dump(mode="json", exclude_none=True))
