@@ -7,11 +7,13 @@ the same context. A single-question probe cannot see that.
 An item (:class:`Conversation`):
 
 * the **context**: one user message of natural text (``pydoc_data.topics``, exactly ``multiturn_tokens`` tokens
-  with the chat header) holding ``multiturn_facts`` *competing* facts of one kind — "The access code of the
-  Vega server is 40721." with a different name and number each — at evenly spread depths (recorded per fact);
-* ``multiturn_turns`` **turns**, each asking for the code of a different fact, in a seeded order. The answer
-  (`` 40721``) is teacher forced: a turn counts as answered when greedy decoding would produce every answer
-  token. The conversation goes on with the right answer whatever the candidate said, as a chat transcript does.
+  with the chat header) holding ``multiturn_facts`` *competing* facts of one kind (:data:`FACT_KINDS`) — "The
+  Vega server is located in Lisbon." with a different name and city each (:data:`DEFAULT_KIND`), or "The access
+  code of the Vega server is 40721." — at evenly spread depths (recorded per fact);
+* ``multiturn_turns`` **turns**, each asking about a different fact, in a seeded order. The assistant turn starts
+  with the fact's lead-in ("The Vega server is located in") and the answer is the value (`` Lisbon``), teacher
+  forced: a turn counts as answered when greedy decoding would produce every answer token. The conversation
+  goes on with the right answer whatever the candidate said, as a chat transcript does.
 
 How a turn runs (:func:`run_conversation`), with the cache persisting across turns as a server keeps it: the
 context comes from its prefill record (computed once per study with the full cache). Each turn feeds its prompt
@@ -43,6 +45,34 @@ from kvtune.strategies import Stages
 NAMES = ("Vega", "Lyra", "Draco", "Hydra", "Perseus", "Orion", "Atlas", "Cygnus", "Auriga", "Carina", "Cetus",
          "Lupus", "Pavo", "Volans", "Mensa", "Norma", "Pictor", "Sagitta", "Tucana", "Octans")
 INSTRUCTION = "Read the document below. I will ask you several questions about it.\n\n"
+CITIES = ("Paris", "London", "Tokyo", "Berlin", "Madrid", "Rome", "Cairo", "Lima", "Oslo", "Dublin", "Vienna",
+          "Prague", "Lisbon", "Athens", "Moscow", "Sydney", "Toronto", "Boston", "Seoul", "Delhi")
+
+
+@dataclass(frozen=True)
+class FactKind:
+    """One kind of competing fact: the sentence placed in the document, the question, the answer's lead-in (the
+    assistant turn starts with it, so the answer is the value alone) and how values are drawn."""
+
+    sentence: str  # with {name} and {value}
+    question: str  # with {name}
+    lead: str  # with {name}; the answer `` {value}`` follows it
+    draw: Any  # (rng, count) -> distinct values
+
+
+FACT_KINDS: dict[str, FactKind] = {
+    "code": FactKind("The access code of the {name} server is {value}.", "What is the access code of the {name} server?",
+                     "The access code of the {name} server is",
+                     lambda rng, n: [str(v) for v in rng.sample(range(10000, 100000), n)]),
+    "city": FactKind("The {name} server is located in {value}.", "In which city is the {name} server located?",
+                     "The {name} server is located in", lambda rng, n: rng.sample(CITIES, n)),
+}
+# The kind every evaluation uses unless told otherwise. Cities, because the bundled model answers them with the
+# full cache where it misses five-digit codes: on the default recommend's probe (seed 0, two conversations of
+# 1536 tokens, four facts, two turns) cities 1/2 first turns and 2/2 follow-ups, codes 1/2 and 0/2; on six
+# conversations of three turns cities 4/6, 6/6, 4/6 per turn, codes 5/6, 3/6, 3/6. A turn the full cache misses
+# cannot count, so with codes the default probe's follow-up check could never reject a candidate.
+DEFAULT_KIND = "city"
 
 
 @dataclass
@@ -113,16 +143,17 @@ def _name_pool(tokenizer: Any, count: int) -> list[str]:
 
 
 def build_conversation(tokenizer: Any, document_ids: list[int], context_tokens: int, facts: int, turns: int,
-                       rng: random.Random) -> Conversation:
+                       rng: random.Random, kind: str = DEFAULT_KIND) -> Conversation:
     """One conversation: ``facts`` facts at depths (i + 0.5) / facts of a context of exactly ``context_tokens``
     tokens cut from ``document_ids`` (whole text, random start), then ``turns`` questions about distinct facts."""
     if not 1 <= turns <= facts:
         raise ValueError(f"turns must be in 1..facts ({facts}), got {turns}")
     head, to_assistant, to_user, after = _chat_pieces(tokenizer)
     header = _ids(tokenizer, head + INSTRUCTION)
+    fk = FACT_KINDS[kind]
     names = rng.sample(_name_pool(tokenizer, facts), facts)
-    values = [str(rng.randrange(10000, 100000)) for _ in names]
-    sentences = [_ids(tokenizer, f"\n\nThe access code of the {n} server is {v}.\n\n") for n, v in zip(names, values)]
+    values = fk.draw(rng, facts)
+    sentences = [_ids(tokenizer, "\n\n" + fk.sentence.format(name=n, value=v) + "\n\n") for n, v in zip(names, values)]
     body_len = context_tokens - len(header) - sum(len(s) for s in sentences)
     if body_len < 8 * facts:
         raise ValueError(f"multiturn context of {context_tokens} tokens is too short for {facts} facts")
@@ -142,14 +173,13 @@ def build_conversation(tokenizer: Any, document_ids: list[int], context_tokens: 
         f.depth = f.position / len(ids)
     order = rng.sample(range(facts), turns)
     out_turns = []
-    prefix = "The access code of the {} server is"
     for t, which in enumerate(order):
         name = names[which]
-        question = f"What is the access code of the {name} server?"
+        question = fk.question.format(name=name)
         if t == 0:
-            text = "\n\n" + question + to_assistant + prefix.format(name)
+            text = "\n\n" + question + to_assistant + fk.lead.format(name=name)
         else:
-            text = "." + to_user + question + after + prefix.format(name)
+            text = "." + to_user + question + after + fk.lead.format(name=name)
         out_turns.append(Turn(torch.tensor(_ids(tokenizer, text)), torch.tensor(_ids(tokenizer, f" {values[which]}")),
                               which))
     return Conversation(torch.tensor(ids), placed, out_turns)
@@ -208,12 +238,13 @@ def run_conversation(model: Any, record: PrefillRecord, prompts: list[torch.Tens
 
 
 def build_conversations(model: Any, tokenizer: Any, document_ids: list[int], *, items: int, context_tokens: int,
-                        facts: int, turns: int, seed: int, attention_sums: bool) -> list[ConversationBatch]:
+                        facts: int, turns: int, seed: int, attention_sums: bool,
+                        kind: str = DEFAULT_KIND) -> list[ConversationBatch]:
     """Build, prefill once and reference (full cache) every conversation; equal shapes share a batch."""
     from kvtune.measure.quality import full_stages, merge_records  # quality imports this module
 
     rng = random.Random(seed * 7919 + 11)
-    convs = [build_conversation(tokenizer, document_ids, context_tokens, facts, turns, rng) for _ in range(items)]
+    convs = [build_conversation(tokenizer, document_ids, context_tokens, facts, turns, rng, kind) for _ in range(items)]
     dev = model.device
     for c in convs:
         c.record = prefill_record(model, c.context.view(1, -1).to(dev), attention_sums=attention_sums)

@@ -7,7 +7,8 @@ import random
 import pytest
 import torch
 
-from kvtune.measure.multiturn import build_conversation, probe_turns, run_conversation
+from kvtune.measure.multiturn import (CITIES, DEFAULT_KIND, FACT_KINDS, build_conversation, probe_turns,
+                                      run_conversation)
 from kvtune.measure.quality import EvalConfig, build_eval_set, evaluate_quality, full_stages, pydoc_text
 from kvtune.pipeline import Pipeline, Stage
 from kvtune.runtime import KVCache, prefill_record
@@ -26,14 +27,15 @@ def _stages(sel="none", params=None, codec="fp16", cparams=None) -> Stages:
                               codec=Stage(method=codec, params=cparams or {})))
 
 
-def test_facts_sit_at_their_depths_and_answers_tokenize_exactly(smol, doc_ids):
-    tok = smol.tokenizer
-    conv = build_conversation(tok, doc_ids, 600, facts=4, turns=3, rng=random.Random(3))
+@pytest.mark.parametrize("kind", sorted(FACT_KINDS))
+def test_facts_sit_at_their_depths_and_answers_tokenize_exactly(smol, doc_ids, kind):
+    tok, fk = smol.tokenizer, FACT_KINDS[kind]
+    conv = build_conversation(tok, doc_ids, 600, facts=4, turns=3, rng=random.Random(3), kind=kind)
     ids = conv.context.tolist()
     assert len(ids) == 600
     assert len({f.name for f in conv.facts}) == 4 and len({f.value for f in conv.facts}) == 4
     for i, fact in enumerate(conv.facts):
-        sentence = tok(f"\n\nThe access code of the {fact.name} server is {fact.value}.\n\n",
+        sentence = tok("\n\n" + fk.sentence.format(name=fact.name, value=fact.value) + "\n\n",
                        add_special_tokens=False).input_ids
         assert ids[fact.position : fact.position + len(sentence)] == sentence
         assert fact.depth == pytest.approx(fact.position / 600)
@@ -43,8 +45,15 @@ def test_facts_sit_at_their_depths_and_answers_tokenize_exactly(smol, doc_ids):
         fact = conv.facts[turn.fact]
         assert turn.answer.tolist() == tok(f" {fact.value}", add_special_tokens=False).input_ids
         assert tok.decode(turn.answer).strip() == fact.value
-        assert tok.decode(turn.prompt).endswith(f"The access code of the {fact.name} server is")
-        assert f"What is the access code of the {fact.name} server?" in tok.decode(turn.prompt)
+        assert tok.decode(turn.prompt).endswith(fk.lead.format(name=fact.name))
+        assert fk.question.format(name=fact.name) in tok.decode(turn.prompt)
+
+
+def test_the_default_kind_is_what_evaluations_build(smol, doc_ids):
+    a = build_conversation(smol.tokenizer, doc_ids, 300, facts=3, turns=2, rng=random.Random(5))
+    b = build_conversation(smol.tokenizer, doc_ids, 300, facts=3, turns=2, rng=random.Random(5), kind=DEFAULT_KIND)
+    assert torch.equal(a.context, b.context) and DEFAULT_KIND == "city"
+    assert all(f.value in CITIES for f in a.facts)
 
 
 def _one_conversation(smol, doc_ids, tokens=300, turns=3, seed=1):
