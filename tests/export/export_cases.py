@@ -95,6 +95,9 @@ CASES: dict[str, dict[str, Any]] = {
         codec=("bf16", {}),
         placement=("offload", {"tier": "disk", "gpu_fraction": 0.25, "block_size": 64, "prefetch_depth": 2}),
     ),
+    # disk offload with host bytes: LMCache's local_disk with its size
+    "offload_disk_sized": _p(placement=("offload", {"tier": "disk", "gpu_fraction": 0.5, "block_size": 32,
+                                                     "prefetch_depth": 1, "host_bytes": 64 * 2**30})),
     # CPU offload with neither host bytes nor measurements: sizes unknown, SGLang falls back to a ratio
     "offload_cpu_unsized": _p(placement=("offload", {"tier": "cpu", "gpu_fraction": 0.5, "block_size": 32,
                                                       "prefetch_depth": 1})),

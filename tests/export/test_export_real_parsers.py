@@ -132,3 +132,31 @@ def test_sglang_config_loads_with_sglangs_parser(case: str, tmp_path: Path) -> N
     args = parse_with_sglang(path)
     for key, value in body.items():
         assert args[key.replace("-", "_")] == value, key
+
+
+def parse_with_lmcache(path: Path):
+    """``LMCACHE_CONFIG_FILE=path``: LMCache's own ``LMCacheEngineConfig.from_file`` and ``validate`` (lmcache/v1/
+    config.py and config_base.py of the release wheel; they import only PyYAML, requests and lmcache.logging, so
+    they run here under an empty ``lmcache`` package, without the CUDA parts its ``__init__`` pulls in)."""
+    exp = EXPORTERS["lmcache"]
+    wheel = f"lmcache-{exp.version}-*.whl"
+    pkg, v1 = types.ModuleType("lmcache"), types.ModuleType("lmcache.v1")
+    pkg.__path__, v1.__path__ = [], []  # type: ignore[attr-defined]
+    stubs: dict[str, types.ModuleType] = {"lmcache": pkg, "lmcache.v1": v1}
+    for name, member in (("lmcache.logging", "lmcache/logging.py"), ("lmcache.v1.config_base", "lmcache/v1/config_base.py"),
+                         ("lmcache.v1.config", "lmcache/v1/config.py")):
+        module = types.ModuleType(name)
+        module.__dict__.update(_load(name, _read(wheel, member), stubs))
+        stubs[name] = module
+    config = stubs["lmcache.v1.config"].LMCacheEngineConfig.from_file(str(path))
+    config.validate()
+    return config
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_lmcache_config_loads_with_lmcaches_loader(case: str, tmp_path: Path) -> None:
+    path, body = _written("lmcache", case, "lmcache.yaml", tmp_path)
+    config = parse_with_lmcache(path)
+    assert config._user_set_keys == set(body), "every key is LMCache's own name (no alias, nothing deprecated)"
+    for key, value in body.items():  # LMCache strips file:// from local_disk (config_base._parse_local_disk)
+        assert getattr(config, key) == (value.removeprefix("file://") if key == "local_disk" else value), key
