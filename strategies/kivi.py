@@ -40,12 +40,13 @@ def kivi_value_split(tokens: int, group_size: int, residual: int, value_window: 
     return kivi_split(tokens, group_size, residual)
 
 
-def _head_tokens(qt: QuantizedTensor, n: int) -> QuantizedTensor:
-    """The first ``n`` tokens of ``qt`` (a whole number of groups for ``axis="token"``), contiguous."""
-    groups = n // qt.group_size if qt.axis == "token" else n
+def _slice_tokens(qt: QuantizedTensor, start: int, stop: int) -> QuantizedTensor:
+    """Tokens ``start:stop`` of ``qt`` (whole groups for ``axis="token"``), contiguous."""
+    g = qt.group_size if qt.axis == "token" else 1
     b, h, _, d = qt.shape
-    return dataclasses.replace(qt, packed=qt.packed[:, :, :n].contiguous(), scale=qt.scale[:, :, :groups].contiguous(),
-                               zero=qt.zero[:, :, :groups].contiguous(), shape=(b, h, n, d))
+    return dataclasses.replace(qt, packed=qt.packed[:, :, start:stop].contiguous(),
+                               scale=qt.scale[:, :, start // g:stop // g].contiguous(),
+                               zero=qt.zero[:, :, start // g:stop // g].contiguous(), shape=(b, h, stop - start, d))
 
 
 class KiviStore(Store):
@@ -148,11 +149,13 @@ class KiviStore(Store):
             else:
                 k_tail, v_tail = self.k_res, self.v_res  # (B, H, n - m, D) once the quantized tails join
                 if self.n_kq > m:
-                    k_tail = torch.cat([self._dequantized()[0][:, :, m:], k_tail], dim=-2)
+                    k_tail = torch.cat([self._deq[0][:, :, m:] if self._deq is not None else
+                                        dequantize_int(_slice_tokens(self.kq, m, self.n_kq)), k_tail], dim=-2)
                 if self.n_vq > m:
-                    v_tail = torch.cat([self._dequantized()[1][:, :, m:], v_tail], dim=-2)
-                kq = self.kq if self.n_kq == m else _head_tokens(self.kq, m)
-                vq = self.vq if self.n_vq == m else _head_tokens(self.vq, m)
+                    v_tail = torch.cat([self._deq[1][:, :, m:] if self._deq is not None else
+                                        dequantize_int(_slice_tokens(self.vq, m, self.n_vq)), v_tail], dim=-2)
+                kq = self.kq if self.n_kq == m else _slice_tokens(self.kq, 0, m)
+                vq = self.vq if self.n_vq == m else _slice_tokens(self.vq, 0, m)
                 self._split = (kq, vq, k_tail, v_tail)
         kq, vq, k_tail, v_tail = self._split
         if kq is None:
