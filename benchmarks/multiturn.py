@@ -26,10 +26,11 @@ from pathlib import Path
 
 import torch
 
-from kvtune.measure.multiturn import build_conversations, run_conversation
+from kvtune.measure.multiturn import DEFAULT_KIND, FACT_KINDS, build_conversations, probe_turns, run_conversation
 from kvtune.measure.quality import EvalConfig, pydoc_text
 from kvtune.models import load_model, torch_threads
 from kvtune.pipeline import Pipeline, Stage
+from kvtune.profile.workload import default_workload
 from kvtune.strategies import Stages
 from kvtune.strategies.spill_recall import SpillStore
 
@@ -44,14 +45,22 @@ def candidates(budgets: list[float]) -> list[tuple[str, Pipeline]]:
     def make(sel="none", sp=None, codec="fp16", cp=None) -> Pipeline:
         return Pipeline(selection=Stage(method=sel, params=sp or {}), codec=Stage(method=codec, params=cp or {}))
 
-    out = [("full cache", make())]
-    for b in budgets:
+    out = [("full cache", make()),  # the codecs first: a run cut short (it saves after every row) still has them
+           ("kivi-4 (paper values)", make(codec="kivi", cp={"bits": 4, "group_size": 32, "residual": 128,
+                                                            "value_window": "paper"})),
+           ("kivi-2 (paper values)", make(codec="kivi", cp={"bits": 2, "group_size": 32, "residual": 128,
+                                                            "value_window": "paper"})),
+           ("fp8 e4m3", make(codec="fp8", cp={"fmt": "e4m3", "scale": "head"}))]
+    for b in sorted(budgets, reverse=True):
         out += [(f"{s} {b:g}", make(s, {"budget": b})) for s in SELECTORS]
         out += [(f"snapkv_agnostic {b:g}", make("snapkv_agnostic", {"budget": b})),
                 (f"spill_recall {b:g}", make("spill_recall", {"budget": b}))]
-    out += [("kivi-4", make(codec="kivi", cp={"bits": 4, "group_size": 32, "residual": 128})),
-            ("fp8 e4m3", make(codec="fp8", cp={"fmt": "e4m3", "scale": "head"}))]
     return out
+
+
+def example(kind: str) -> str:
+    """One fact sentence of ``kind``, for the page."""
+    return FACT_KINDS[kind].sentence.format(name="Vega", value={"code": "40721", "city": "Lisbon"}.get(kind, "..."))
 
 
 def held(cache) -> tuple[int, int]:
@@ -73,7 +82,8 @@ def measure(args) -> dict:
     ids = lm.tokenizer(pydoc_text(), add_special_tokens=False).input_ids
     started = time.perf_counter()
     batches = build_conversations(lm.model, lm.tokenizer, ids, items=args.items, context_tokens=args.tokens,
-                                  facts=args.facts, turns=args.turns, seed=args.seed, attention_sums=True)
+                                  facts=args.facts, turns=args.turns, seed=args.seed, attention_sums=True,
+                                  kind=args.kind)
     build_s = time.perf_counter() - started
     full = torch.cat([b.full_correct for b in batches])  # (N, turns)
     rows: list[dict] = []
@@ -82,6 +92,7 @@ def measure(args) -> dict:
                     "threads": torch.get_num_threads(), "load_avg_1m": os.getloadavg()[0], "device": "cpu",
                     "model_dtype": "float32"},
         "model": lm.name, "items": args.items, "turns": args.turns, "facts": args.facts, "context_tokens": args.tokens,
+        "kind": args.kind, "example": example(args.kind),
         "full_correct_per_turn": full.sum(0).tolist(), "conversations": int(full.shape[0]),
         "build_seconds": round(build_s, 1),
     }
@@ -110,11 +121,14 @@ def measure(args) -> dict:
         print(f"{label:24s} turn1 {rows[-1]['turn1']}  follow-ups {rows[-1]['followup']}  "
               f"KL {rows[-1]['kl']:.3f}  GPU {gpu / seen:.0f} B/tok  host {host / seen:.0f} B/tok  {seconds:.1f}s",
               file=sys.stderr)
-    # what one trial pays on the default recommend's probe size
+    # what one trial pays on the default recommend's probe (its turns from the bundled workload, as recommend
+    # chooses them), and which of its turns the full cache answers (only those can reject a candidate)
     cfg = EvalConfig()
+    cfg.multiturn_turns, _why = probe_turns(default_workload(), cfg.multiturn_facts, cfg.multiturn_turns)
     small = build_conversations(lm.model, lm.tokenizer, ids, items=cfg.multiturn_items,
                                 context_tokens=cfg.multiturn_tokens, facts=cfg.multiturn_facts,
                                 turns=cfg.multiturn_turns, seed=cfg.seed, attention_sums=True)
+    small_full = torch.cat([b.full_correct for b in small]).sum(0).tolist()
     trial = {}
     for label, pipeline in (("full cache", Pipeline()),
                             ("snapkv 0.3", Pipeline(selection=Stage(method="snapkv", params={"budget": 0.3}))),
@@ -126,7 +140,8 @@ def measure(args) -> dict:
         trial[label] = round(time.perf_counter() - started, 2)
     return {
         **head, "rows": rows, "trial_seconds_default_probe": trial,
-        "default_probe": {"items": cfg.multiturn_items, "turns": cfg.multiturn_turns, "tokens": cfg.multiturn_tokens},
+        "default_probe": {"items": cfg.multiturn_items, "turns": cfg.multiturn_turns, "tokens": cfg.multiturn_tokens,
+                          "kind": DEFAULT_KIND, "full_correct_per_turn": small_full},
     }
 
 
@@ -147,7 +162,8 @@ def render(data: dict) -> str:
     lines = [
         f"Measured by `benchmarks/multiturn.py` on {data['model']} ({data['machine']['device']}, "
         f"{data['machine']['model_dtype']}, {data['machine']['cores']} cores): {n} conversations of "
-        f"{data['context_tokens']} context tokens, {data['facts']} competing facts each, {turns} turns. "
+        f"{data['context_tokens']} context tokens, {data['facts']} competing facts each "
+        f"(\"{data.get('example', example('code'))}\"), {turns} turns. "
         + (f"The full cache answers {full[0]}/{n} first turns and {sum(full[1:])}/{n * (turns - 1)} follow-ups. "
            if full else "") +
         "Accuracy below is over the turns the full cache answers (a turn it misses does not count). Bytes: "
@@ -165,8 +181,11 @@ def render(data: dict) -> str:
     t = data.get("trial_seconds_default_probe")
     p = data.get("default_probe")
     if t and p:
+        fc = p.get("full_correct_per_turn")
         lines += ["", f"Seconds one candidate spends on the default `recommend` probe ({p['items']} conversations x "
-              f"{p['turns']} turns, {p['tokens']} tokens), same machine, load average "
+              f"{p['turns']} turns, {p['tokens']} tokens" + (f"; the full cache answers {fc[0]}/{p['items']} first "
+              f"turns and {sum(fc[1:])}/{p['items'] * (p['turns'] - 1)} follow-ups" if fc else "") +
+              "), same machine, load average "
               f"{data['machine']['load_avg_1m']:.1f} on {data['machine']['cores']} cores while measuring: " +
               ", ".join(f"{k} {v} s" for k, v in t.items()) + "."]
     return "\n".join(lines)
@@ -189,6 +208,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1536)
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.6])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kind", choices=sorted(FACT_KINDS), default=DEFAULT_KIND, help="kind of the competing facts")
     ap.add_argument("--render", action="store_true", help="re-render the page from the JSON, measure nothing")
     args = ap.parse_args()
     if args.render:

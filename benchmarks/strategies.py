@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -40,7 +41,8 @@ SELECTORS = {
 CODECS = [
     ("fp8", {"fmt": "e4m3", "scale": "head"}), ("fp8", {"fmt": "e5m2", "scale": "head"}),
     ("int8", {"group_size": 64}),
-    ("kivi", {"bits": 4, "group_size": 32, "residual": 128}), ("kivi", {"bits": 2, "group_size": 32, "residual": 128}),
+    *[("kivi", {"bits": b, "group_size": 32, "residual": 128, "value_window": w})
+      for b in (4, 2) for w in ("paper", "key_schedule")],
     ("lowrank", {"rank": 48}), ("lowrank", {"rank": 32}), ("lowrank", {"rank": 16}),
     ("mixed", {"edge": "fp16", "middle": "kivi2", "edge_layers": 2}),
     ("mixed", {"edge": "int8", "middle": "kivi2", "edge_layers": 1}),
@@ -48,7 +50,8 @@ CODECS = [
 EXTRA = [  # compositions and decode-time re-compression
     {"selection": ("snapkv", {"budget": 0.2, "recompress_every": 16})},
     {"selection": ("streaming_llm", {"budget": 0.2, "recompress_every": 16})},
-    {"selection": ("snapkv", {"budget": 0.5}), "codec": ("kivi", {"bits": 4, "group_size": 32, "residual": 128})},
+    {"selection": ("snapkv", {"budget": 0.5}),
+     "codec": ("kivi", {"bits": 4, "group_size": 32, "residual": 128, "value_window": "paper"})},
     {"selection": ("pyramidkv", {"budget": 0.5}), "codec": ("int8", {"group_size": 64})},
 ]
 PLACEMENTS = [("offload", {"tier": "cpu", "gpu_fraction": 0.25, "block_size": 32, "prefetch_depth": 1}),
@@ -98,17 +101,21 @@ def stored_bytes_per_token(stages, spec, ctx: int) -> float:
 
 def measure_all(only: set[str] | None, fresh: bool) -> dict:
     from kvtune.measure.kernels_cost import CostSetup, measure_cost
+    from kvtune.measure.tiers import Tiers
     from kvtune.models import load_model
     from kvtune.profile.hardware import reference_hardware
     from kvtune.measure.quality import build_eval_set, evaluate_quality
     from kvtune.strategies import Stages
 
-    rows = {} if fresh or not RESULTS.exists() else json.loads(RESULTS.read_text())["rows"]
+    labels = {p.label() for p in pipelines()}
+    old = {} if not RESULTS.exists() else json.loads(RESULTS.read_text())
+    rows = old.get("rows", {})
+    rows = {k: v for k, v in rows.items() if k in labels}  # pipelines no longer on the page go
     todo = [p for p in pipelines() if (fresh or p.label() not in rows)
             and (not only or {p.selection.method, p.codec.method, p.placement.method} & only)]
     cfg = eval_config()
     meta = {"eval": cfg.__dict__, "budgets": BUDGETS, "cost_context": COST_CONTEXT, "hardware_link": HARDWARE,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "latency_passes": old.get("meta", {}).get("latency_passes", 1)}
     if not todo:
         return {"meta": meta, "rows": rows}
     m = load_model()
@@ -119,9 +126,8 @@ def measure_all(only: set[str] | None, fresh: bool) -> dict:
     meta["prefill_seconds"] = round(time.perf_counter() - started, 1)
     meta["full_probe_correct"] = {k: sum(p.full_correct for p in evalset.probes if p.kind == k)
                                   for k in ("passkey", "kv_retrieval")}
-    cost_setup = CostSetup(spec=m.spec, context_tokens=COST_CONTEXT, memory_budget_bytes=hw.kv_memory_budget(m.weights_bytes),
-                           link_gbps=hw.host_link_gbps(), link_source=f"datasheet ({HARDWARE} reference profile)",
-                           repeats=5)
+    cost_setup = CostSetup(spec=m.spec, context_tokens=COST_CONTEXT, tiers=Tiers.from_hardware(hw, m.weights_bytes),
+                           time_kernels=True, repeats=5)  # CPU reference kernels: a relative timing (the page says)
     for n, p in enumerate(todo):
         t0 = time.perf_counter()
         stages = Stages.of(p)
@@ -131,6 +137,8 @@ def measure_all(only: set[str] | None, fresh: bool) -> dict:
                "placement": p.placement.method, "params": {a: dict(getattr(p, a).params) for a in ("selection", "codec", "placement")},
                "quality": q.model_dump(), "cost": c.model_dump(),
                "bytes_per_token": round(stored_bytes_per_token(stages, m.spec, COST_CONTEXT), 2),
+               "measured": time.strftime("%Y-%m-%d", time.gmtime()),
+               "load_avg_1m": round(os.getloadavg()[0], 1),
                "seconds": round(time.perf_counter() - t0, 2)}
         rows[p.label()] = row
         print(f"[{n + 1}/{len(todo)}] {p.label()}: loss {q.quality_loss:.4f} kl {q.kl_mean:.4f} "
@@ -146,6 +154,7 @@ def recost(repeats: int) -> dict:
     import statistics
 
     from kvtune.measure.kernels_cost import CostSetup, measure_cost
+    from kvtune.measure.tiers import Tiers
     from kvtune.modelspec import preset
     from kvtune.profile.hardware import reference_hardware
     from kvtune.strategies import Stages
@@ -153,8 +162,8 @@ def recost(repeats: int) -> dict:
     data = json.loads(RESULTS.read_text())
     spec = preset("SmolLM2-135M")
     hw = reference_hardware(HARDWARE)
-    setup = CostSetup(spec=spec, context_tokens=COST_CONTEXT, memory_budget_bytes=hw.kv_memory_budget(270_000_000),
-                      link_gbps=hw.host_link_gbps(), link_source=f"datasheet ({HARDWARE} reference profile)", repeats=3)
+    setup = CostSetup(spec=spec, context_tokens=COST_CONTEXT, tiers=Tiers.from_hardware(hw, 270_000_000),
+                      time_kernels=True, repeats=3)
     todo = [p for p in pipelines() if p.label() in data["rows"]]
     samples: dict[str, list[float]] = {p.label(): [] for p in todo}
     for r in range(repeats):
@@ -182,11 +191,11 @@ def render_table(data: dict) -> str:
         q, c = r["quality"], r["cost"]
         axes = [a for a in ("selection", "codec", "placement") if r[a] not in ("none", "fp16", "gpu")]
         lines.append(
-            f"| `{r['label']}` | {'+'.join(axes) or 'baseline'} | {q['kl_mean']:.4f} | {q['top1_agreement']:.3f} | "
+            f"| `{r['label']}`{'' if r.get('measured') else ' †'} | {'+'.join(axes) or 'baseline'} | {q['kl_mean']:.4f} | {q['top1_agreement']:.3f} | "
             f"{_fmt(q['passkey_accuracy'], '.2f')} | {_fmt(q['kv_retrieval_accuracy'], '.2f')} | "
             f"{q['perplexity'] - q['perplexity_full']:+.3f} | {r['bytes_per_token']:.0f} | "
             f"{full['bytes_per_token'] / r['bytes_per_token']:.2f}x | {c['decode_latency_ms']:.3f} | "
-            f"{c['transfer_ms']:.3f} |")
+            f"{_fmt(c.get('transfer_ms'))} |")
     meta = data["meta"]
     e = meta["eval"]
     head = (f"Measured by `python benchmarks/strategies.py` on SmolLM2-135M-Instruct (30 layers, 9 query / 3 KV "
@@ -203,6 +212,17 @@ def render_table(data: dict) -> str:
             f"pass(es)) - relative, not a GPU figure, and noisy on a shared 2-core machine; transfer: "
             f"the offload copy per step not hidden by prefetch, computed from the {meta['hardware_link']} reference "
             f"profile's datasheet host link (this machine has no GPU, nothing was copied).")
+    fresh = [r for r in rows if r.get("measured")]
+    if len(fresh) < len(rows):
+        lines += ["", "† measured on 2026-11-22 with an earlier kvtune: before SnapKV's paper defaults (window 64, "
+                  "kernel 5, average pooling), H2O's normalised prompt scores, the token-by-token evaluation of "
+                  "decode-time selectors (H2O, TOVA) and KIVI's `value_window` (those rows ran `key_schedule`); "
+                  "`python benchmarks/strategies.py --fresh --only METHOD` re-measures them."]
+    if fresh:
+        loads = [r["load_avg_1m"] for r in fresh]
+        lines += ["", f"Rows without † measured on {', '.join(sorted({r['measured'] for r in fresh}))} (1-minute load "
+                  f"average {min(loads):.1f}-{max(loads):.1f} on the 2 cores, shared with other jobs: the latency "
+                  f"column is noisy, the quality columns are not affected)."]
     return head + "\n\n" + "\n".join(lines)
 
 
