@@ -27,11 +27,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from kvtune.errors import UserError
-from kvtune.measure.quality import EvalConfig, build_eval_set
+from kvtune.measure.quality import EvalConfig, EvalSet, build_eval_set
 from kvtune.measure.replay import Replay
 from kvtune.measure.serving import ServingModel, WorkloadMix
 from kvtune.pipeline import Bucket, Pipeline
@@ -52,6 +53,15 @@ class LengthBucket:
     representative: int  # median prompt length of the bucket
     measured_at: int  # the length quality is measured at (representative, capped)
     cap_reason: str | None  # why measured_at < representative
+
+    @property
+    def tokens(self) -> int:
+        """Prompt plus output tokens of the bucket's requests."""
+        return sum(i + o for i, o in self.requests)
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(o for _i, o in self.requests)
 
     def label(self, low: int) -> str:
         hi = f"{self.max_input_tokens:,}" if self.max_input_tokens is not None else "inf"
@@ -111,12 +121,24 @@ def bucket_eval_config(base: EvalConfig, tokens: int) -> EvalConfig:
 
 
 def bucket_context(ctx: SearchContext, bucket: LengthBucket, tokenizer: Any, attention_sums: bool,
-                   progress: Callable[[str], None] | None = None) -> SearchContext:
+                   progress: Callable[[str], None] | None = None,
+                   shared: dict[int, tuple[EvalSet, EvalConfig, dict[str, Any]]] | None = None) -> SearchContext:
     """A search context for one bucket: its evaluation set at the measured length, cost at its representative
-    length, the serving model over its own requests."""
+    length, the serving model over its own requests. ``shared`` (measured length -> evaluation set, its config and
+    quality memo) lets buckets measured at the same length (capped ones) prefill once and measure each pipeline's
+    quality once: quality depends on the evaluation set only, cost and serving on the bucket."""
     t = ctx.target
-    cfg = bucket_eval_config(ctx.eval_config, bucket.measured_at)
-    evalset = build_eval_set(ctx.model, tokenizer, cfg, attention_sums=attention_sums, progress=progress)
+    shared = {} if shared is None else shared
+    if bucket.measured_at not in shared:
+        cfg = bucket_eval_config(ctx.eval_config, bucket.measured_at)
+        started = time.perf_counter()
+        evalset = build_eval_set(ctx.model, tokenizer, cfg, attention_sums=attention_sums, progress=progress)
+        if progress:
+            progress(f"evaluation set at {bucket.measured_at:,} tokens: {len(evalset.text)} text prompts, "
+                     f"{len(evalset.probes)} probes (the full cache answers {sum(p.full_correct for p in evalset.probes)}), "
+                     f"prefilled once in {time.perf_counter() - started:.0f} s")
+        shared[bucket.measured_at] = (evalset, cfg, {})
+    evalset, cfg, memo = shared[bucket.measured_at]
     sv = t.serving
     members = set(bucket.requests)
     replay = None if sv.replay is None else Replay(
@@ -126,7 +148,7 @@ def bucket_context(ctx: SearchContext, bucket: LengthBucket, tokenizer: Any, att
     serving = ServingModel(sv.spec, params=sv.params, weights_bytes=sv.weights_bytes, device=sv.device,
                            tiers=sv.tiers, mix=mix, tpot_ms=sv.tpot_ms, replay=replay, prefix_caching=sv.prefix_caching)
     cost = dataclasses.replace(t.cost, context_tokens=bucket.representative)
-    return dataclasses.replace(ctx, evalset=evalset, eval_config=cfg,
+    return dataclasses.replace(ctx, evalset=evalset, eval_config=cfg, quality_memo=memo,
                                target=dataclasses.replace(t, serving=serving, cost=cost))
 
 
@@ -141,7 +163,7 @@ class Aggregate:
 
 def aggregate(per_bucket: list[Pipeline], buckets: list[LengthBucket], scenario: Scenario) -> Aggregate:
     """Figures over the workload mix of running ``per_bucket[i]`` (measured in bucket i) on bucket i's requests."""
-    out_tokens = [sum(o for _i, o in b.requests) for b in buckets]
+    out_tokens = [b.output_tokens for b in buckets]
     time_s = 0.0
     for p, out in zip(per_bucket, out_tokens):
         tps = p.measured.serving.tokens_per_s if p.measured and p.measured.serving else 0.0
@@ -171,11 +193,16 @@ class BucketResult:
     buckets: list[LengthBucket]
     outcomes: list[StudyOutcome]
     measured: list[dict[str, Pipeline]]  # per bucket: label -> candidate measured in that bucket
+    pool: list[str]  # labels every bucket chooses among (each bucket's pick and the full cache), measured in every one
     picks: list[Pipeline]  # per bucket, measured there
     single: Pipeline | None  # the best single pipeline (its label; measured per bucket in ``measured``)
     routed: Aggregate
     single_agg: Aggregate | None
     notes: list[str] = field(default_factory=list)
+
+    def token_share(self, bucket: LengthBucket) -> float:
+        """The bucket's share of the workload's prompt plus output tokens."""
+        return bucket.tokens / max(1, sum(b.tokens for b in self.buckets))
 
     @property
     def gain(self) -> float | None:
@@ -198,11 +225,14 @@ def search_buckets(ctx: SearchContext, buckets: list[LengthBucket], tokenizer: A
                    on_trial: Callable[[int, Pipeline | None, str], None] | None = None,
                    progress: Callable[[str], None] | None = None) -> BucketResult:
     """Steps 2-4 of the module docstring."""
-    contexts = [bucket_context(ctx, b, tokenizer, attention_sums, progress) for b in buckets]
+    shared: dict[int, tuple[EvalSet, EvalConfig, dict[str, Any]]] = {}
+    contexts = [bucket_context(ctx, b, tokenizer, attention_sums, progress, shared) for b in buckets]
     outcomes, measured = [], []
     for b, bctx in zip(buckets, contexts):
         if progress:
-            progress(f"bucket {b.index + 1}/{len(buckets)}: {trials} trials at {b.measured_at:,} tokens")
+            progress(f"bucket {b.index + 1}/{len(buckets)} ({b.share:.0%} of requests): {trials} trials, quality at "
+                     f"{b.measured_at:,} tokens, cost and serving at its median prompt {b.representative:,} over its "
+                     f"{len(b.requests):,} requests")
         out = run_study(bctx, trials=trials, storage=storage, study_name=f"{study_name}/bucket-{b.index + 1}-of-"
                         f"{len(buckets)}", model_source=model_source, on_trial=on_trial)
         outcomes.append(out)
@@ -233,6 +263,6 @@ def search_buckets(ctx: SearchContext, buckets: list[LengthBucket], tokenizer: A
     best = min(ok, key=lambda k: preference_key(ok[k], scen.prefer)) if ok else None
     notes = [f"bucket {b.index + 1}: quality measured at {b.measured_at:,} tokens, not its median "
              f"{b.representative:,} ({b.cap_reason})" for b in buckets if b.cap_reason]
-    return BucketResult(buckets=buckets, outcomes=outcomes, measured=measured, picks=picks,
+    return BucketResult(buckets=buckets, outcomes=outcomes, measured=measured, pool=list(candidates), picks=picks,
                         single=candidates[best] if best else None, routed=routed,
                         single_agg=ok[best] if best else None, notes=notes)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.console import Console
 from rich.table import Table
 
 from kvtune.pipeline import Pipeline
+
+if TYPE_CHECKING:  # kvtune.buckets imports the measurement modules (torch); the rows only read its result
+    from kvtune.buckets import BucketResult
 
 
 def _pct(x: float | None) -> str:
@@ -149,3 +154,54 @@ def measured_lines(p: Pipeline) -> list[str]:
 def print_measured(console: Console, p: Pipeline) -> None:
     for line in measured_lines(p):
         console.print(line, highlight=False, markup=False)
+
+
+# -- per-length-bucket recommendation (kvtune.buckets); the terminal and the Markdown report render these rows --
+
+BUCKET_COLUMNS = (("bucket (prompt tokens)", "left"), ("requests", "right"), ("tokens", "right"),
+                  ("median prompt", "right"), ("quality measured at", "right"), ("pipeline", "left"),
+                  ("quality loss", "right"), ("tokens/s", "right"), ("bytes/token", "right"),
+                  ("best single: loss", "right"), ("best single: tokens/s", "right"))
+
+
+def bucket_rows(result: "BucketResult") -> list[tuple[str, ...]]:
+    """One row per bucket (:data:`BUCKET_COLUMNS`): its range, share of requests and of prompt + output tokens, the
+    median prompt and the length quality was measured at, the pick's figures there, the best single pipeline's."""
+    single = result.single.label() if result.single is not None else None
+    rows, low = [], 0
+    for b, p in zip(result.buckets, result.picks):
+        m = p.measured
+        assert m is not None
+        s = result.measured[b.index][single].measured if single is not None else None
+        tps = f"{m.serving.tokens_per_s:,.0f}" if m.serving is not None else "-"
+        rows.append((b.label(low), _pct(b.share), _pct(result.token_share(b)), f"{b.representative:,}",
+                     f"{b.measured_at:,}" + (" (capped)" if b.cap_reason else ""), p.label(),
+                     f"{m.quality.quality_loss:.4f}", tps, f"{m.cost.bytes_per_token:,.0f}",
+                     "-" if s is None else f"{s.quality.quality_loss:.4f}",
+                     "-" if s is None or s.serving is None else f"{s.serving.tokens_per_s:,.0f}"))
+        low = b.max_input_tokens or low
+    return rows
+
+
+def bucket_summary(result: "BucketResult") -> list[str]:
+    """What the table means: how many different pipelines, the routed set against the best single pipeline over
+    the workload mix (figures from :func:`kvtune.buckets.aggregate`), and the notes (capped lengths)."""
+    r, single = result, result.single
+    distinct = len({p.label() for p in r.picks})
+    target = next((p.measured.serving.target for p in r.picks if p.measured and p.measured.serving), "the target")
+    lines = [f"{distinct} different pipeline{'s' if distinct != 1 else ''} over {len(r.buckets)} buckets"
+             + (f"; best single pipeline: {single.label()}" if single is not None else
+                "; no single pipeline is feasible in every bucket")
+             + (" (the measurements pick the same pipeline in every bucket)" if distinct == 1 else "")]
+
+    def agg(a) -> str:
+        return (f"{a.tokens_per_s:,.0f} output tokens/s, quality loss {a.quality_loss:.4f}, "
+                f"{a.bytes_per_token:,.0f} B/token, TTFT {a.ttft_ms:,.0f} ms")
+
+    lines.append(f"over the workload mix (serving model on {target}; tokens/s = all output tokens over the time each "
+                 f"bucket takes, the rest request-weighted): routed {agg(r.routed)}")
+    if r.single_agg is not None and single is not None:
+        gain = r.gain
+        lines.append(f"best single {single.label()}: {agg(r.single_agg)}; gain of routing "
+                     f"{'-' if gain is None else f'{gain:+.1%}'} tokens/s")
+    return lines + list(r.notes)

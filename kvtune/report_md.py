@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import math
 import os
 import shutil
 import tempfile
@@ -26,13 +27,14 @@ from typing import Any
 from kvtune.errors import UserError, printable
 from kvtune.io import STAGE_MARK, can_create_in, current_umask, new_file_mode, remove_stale_stages, show
 from kvtune.pipeline import Pipeline
-from kvtune.report import SIDE_BY_SIDE_COLUMNS, front_rows, measured_lines, side_by_side_rows
+from kvtune.report import (BUCKET_COLUMNS, SIDE_BY_SIDE_COLUMNS, bucket_rows, bucket_summary, front_rows,
+                           measured_lines, side_by_side_rows)
 from kvtune.scenarios import Scenario
-from kvtune.search import objectives, pareto_front
+from kvtune.search import feasible, objectives, pareto_front, speed
 from kvtune.storage import parse_storage
 
 MARKER = ".kvtune-report"  # present in every report folder kvtune writes
-FILES = ("report.md", "pareto.png", "workload.png")
+FILES = ("report.md", "pareto.png", "workload.png", "buckets.png")  # buckets.png: --buckets runs
 
 
 def check_report_dir(path: Path, force: bool) -> None:
@@ -65,6 +67,7 @@ class ReportInput:
     study: str
     storage: str  # already redacted
     rejected: int = 0
+    buckets: Any = None  # kvtune.buckets.BucketResult of a --buckets run (its study is ``trials``' bucket)
 
 
 def _cell(text: str) -> str:
@@ -125,8 +128,9 @@ def pareto_png(inp: ReportInput) -> bytes:
     return buf.getvalue()
 
 
-def workload_png(workload: Any, context_tokens: int | None) -> bytes:
-    """The workload's context-length histogram (total and prompt tokens per request, power-of-two buckets)."""
+def workload_png(workload: Any, context_tokens: int | None, routed: Any = None) -> bytes:
+    """The workload's context-length histogram (total and prompt tokens per request, power-of-two buckets); a
+    ``--buckets`` run (``routed``: its BucketResult) draws the routing bounds and each bucket's measured lengths."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(9, 3.8), dpi=110)
@@ -150,6 +154,15 @@ def workload_png(workload: Any, context_tokens: int | None) -> bytes:
     if context_tokens:
         ax.axvline(context_tokens, color="#d62728", linestyle="--", linewidth=1,
                    label=f"cost measured at {context_tokens:,} tokens")
+    for i, b in enumerate(routed.buckets if routed is not None else ()):
+        if b.max_input_tokens is not None:
+            ax.axvline(b.max_input_tokens, color="#2ca02c", linestyle="-", linewidth=1.5,
+                       label="bucket bound (prompt tokens)" if i == 0 else None)
+        ax.plot([b.representative], [0], marker="^", markersize=9, color="#d62728", clip_on=False, zorder=5,
+                label="bucket median prompt (cost)" if i == 0 else None)
+        if b.measured_at != b.representative:
+            ax.plot([b.measured_at], [0], marker="^", markersize=9, color="#9467bd", clip_on=False, zorder=5,
+                    label="quality measured at (capped)" if not any(c.cap_reason for c in routed.buckets[:i]) else None)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("tokens per request")
     ax.set_ylabel("share of requests")
@@ -165,25 +178,86 @@ def workload_png(workload: Any, context_tokens: int | None) -> bytes:
 BUCKETS_HOOK = "<!-- kvtune:buckets -->"
 
 
-def buckets_section(best: Pipeline) -> list[str]:
-    """The per-length-bucket table when the pipeline routes by prompt length, else the marked hook."""
+def buckets_section(inp: ReportInput) -> list[str]:
+    """The per-length-bucket table and the routed set against the best single pipeline (a ``--buckets`` run), else
+    the marked hook."""
     lines = ["## Per length bucket", "", BUCKETS_HOOK]
-    if not best.buckets:
+    r = inp.buckets
+    if r is None:
         return lines + ["One pipeline serves every length: this recommendation has no `buckets` section "
                         "(`kvtune recommend --buckets auto` recommends one pipeline per prompt-length bucket).", ""]
-    rows, low = [], 0
-    for b in best.buckets:
-        m = b.measured
-        bound = f"{low + 1:,}..{b.max_input_tokens:,}" if b.max_input_tokens else f"> {low:,}"
-        rows.append((bound, "-" if b.share is None else f"{b.share:.0%}",
-                     "-" if b.measured_at_tokens is None else f"{b.measured_at_tokens:,}", b.label(),
-                     "-" if m is None else f"{m.quality.quality_loss:.4f}",
-                     "-" if m is None or m.serving is None else f"{m.serving.tokens_per_s:,.0f}",
-                     "-" if m is None else f"{m.cost.bytes_per_token:,.0f}"))
+    out = lines + ["A prompt runs the first bucket whose bound holds. Each bucket's quality is measured on the model at "
+                   "the length shown (its median prompt, capped where the model cannot answer longer ones), its cost "
+                   "and serving figures at its median prompt over its own requests; every bucket chooses among the "
+                   "same candidates, each measured in every bucket.", "",
+                   _md_table(BUCKET_COLUMNS, bucket_rows(r)), "", *(f"- {_cell(line)}" for line in bucket_summary(r)),
+                   "", "![Per-bucket candidates](buckets.png)", "",
+                   "Each candidate in each bucket: output tokens/s on the target (left) and quality loss (right, the "
+                   "scenario's ceiling dashed); the bucket's pick outlined in black, candidates over the ceiling "
+                   "hatched. The Pareto front above is the study of bucket "
+                   f"{_largest(r) + 1} (the most requests); its star is the document's top-level pipeline (the best "
+                   "single one, what a stack that cannot route runs).", ""]
+    return out
+
+
+def _largest(r: Any) -> int:
+    return max(range(len(r.buckets)), key=lambda i: r.buckets[i].share)
+
+
+def buckets_png(inp: ReportInput) -> bytes:
+    """Per bucket, every candidate of the pool: tokens/s and quality loss, the pick outlined, infeasible hatched."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    r, scen = inp.buckets, inp.scenario
+    speed_label, sign = _speed_axis(scen.prefer)
+    n, k = len(r.buckets), len(r.pool)
+    width = 0.8 / max(1, k)
+    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"]
+    fig = Figure(figsize=(11, 5.2), dpi=110)
+    axes = fig.subplots(1, 2)
+    low, ticks = 0, []
+    for b in r.buckets:
+        ticks.append(f"bucket {b.index + 1}\n{b.label(low)}\n{b.share:.0%} of requests")
         low = b.max_input_tokens or low
-    cols = [("prompt tokens", "left"), ("requests", "right"), ("quality measured at", "right"),
-            ("pipeline", "left"), ("quality loss", "right"), ("tokens/s", "right"), ("bytes/token", "right")]
-    return lines + ["A prompt runs the first bucket whose bound holds.", "", _md_table(cols, rows), ""]
+    for j, label in enumerate(r.pool):
+        color = colors[j % len(colors)]
+        for i, b in enumerate(r.buckets):
+            p = r.measured[i][label]
+            m = p.measured
+            x = i - 0.4 + (j + 0.5) * width
+            pick = r.picks[i].label() == label
+            ok = feasible(p, scen)
+            style = dict(width=width, color=color, edgecolor="black" if pick else "white",
+                         linewidth=1.8 if pick else 0.5, hatch=None if ok else "//")
+            axes[0].bar(x, sign * speed(p, scen.prefer), **style)
+            axes[1].bar(x, m.quality.quality_loss, **style)
+    for ax in axes:
+        ax.set_xticks(range(n), ticks, fontsize=8)
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0].set_ylabel(speed_label, fontsize=9)
+    axes[1].set_ylabel("quality loss vs the full cache", fontsize=9)
+    axes[1].axhline(scen.max_quality_loss, color="#d62728", linestyle="--", linewidth=1,
+                    label=f"{scen.name} ceiling {scen.max_quality_loss:g}")
+    axes[1].set_yscale("symlog", linthresh=min(0.01, scen.max_quality_loss))
+    handles = [Patch(color=colors[j % len(colors)], label=_short(label)) for j, label in enumerate(r.pool)]
+    handles += [Patch(facecolor="white", edgecolor="black", linewidth=1.8, label="the bucket's pick"),
+                Patch(facecolor="white", edgecolor="#555555", hatch="//", label="over the ceiling (infeasible)")]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    axes[1].legend(fontsize=7, loc="upper right")
+    gain = r.gain
+    distinct = len({p.label() for p in r.picks})
+    fig.suptitle(f"{scen.name}: {distinct} different pipeline{'s' if distinct != 1 else ''} over {n} length buckets; "
+                 f"routing vs the best single pipeline: {'-' if gain is None else f'{gain:+.1%}'} tokens/s\n"
+                 "(speed: serving model on the target; quality: measured on the model)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.03 + 0.035 * math.ceil((k + 2) / 3), 1, 1))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _short(label: str, width: int = 48) -> str:
+    return label if len(label) <= width else label[: width - 3] + "..."
 
 
 def provenance_lines(inp: ReportInput) -> list[str]:
@@ -245,7 +319,7 @@ def render_markdown(inp: ReportInput) -> str:
     if full is not None and full.measured is not None and full.measured.serving is not None and m.serving is not None:
         title, srows = side_by_side_rows(best, full)
         out += [f"## {_cell(title)}", "", _md_table(SIDE_BY_SIDE_COLUMNS, srows), ""]
-    out += buckets_section(best)
+    out += buckets_section(inp)
     if inp.workload is not None:
         w = inp.workload
         t = w.total_tokens
@@ -275,7 +349,9 @@ def write_report(folder: Path, inp: ReportInput, *, force: bool) -> Path:
     context = inp.best.measured.cost.context_tokens if inp.best.measured else None
     files: dict[str, bytes] = {"report.md": render_markdown(inp).encode("utf-8"), "pareto.png": pareto_png(inp)}
     if inp.workload is not None:
-        files["workload.png"] = workload_png(inp.workload, context)
+        files["workload.png"] = workload_png(inp.workload, None if inp.buckets else context, inp.buckets)
+    if inp.buckets is not None:
+        files["buckets.png"] = buckets_png(inp)
     parent = folder.resolve().parent
     prefix = f".{folder.name}{STAGE_MARK}"
     remove_stale_stages(parent, prefix=prefix)

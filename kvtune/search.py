@@ -106,6 +106,9 @@ class SearchContext:
     scenario: Scenario
     seed: int = 0
     multi_fidelity: bool = True  # stop a candidate after the probe slice when it can no longer be feasible
+    # label -> quality measured on ``evalset``; contexts that share the evaluation set (per-length buckets measured
+    # at the same length, kvtune.buckets) share this dict, so a pipeline's quality is measured once per set
+    quality_memo: dict[str, Any] | None = None
 
 
 def stop_early(ctx: SearchContext, stages: Stages) -> tuple[float | None, list[list[bool]] | None]:
@@ -125,7 +128,12 @@ def measure(ctx: SearchContext, pipeline: Pipeline, trial_number: int | None = N
     slice's outcomes (:func:`stop_early`) for this pipeline, reused rather than computed again."""
     stages = Stages.of(pipeline)
     started = time.perf_counter()
-    quality = evaluate_quality(ctx.model, ctx.evalset, stages, ctx.eval_config, ctx.seed, probes)
+    memo, label = ctx.quality_memo, pipeline.label()
+    quality = memo.get(label) if memo is not None else None
+    if quality is None:
+        quality = evaluate_quality(ctx.model, ctx.evalset, stages, ctx.eval_config, ctx.seed, probes)
+        if memo is not None:
+            memo[label] = quality
     cost = measure_cost(stages, ctx.target.cost, ctx.seed)
     serving = ctx.target.price(stages, pipeline, cost)
     measured = Measured(quality=quality, cost=cost, serving=serving, trial=trial_number,

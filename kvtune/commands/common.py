@@ -55,7 +55,7 @@ class Prepared:
     hardware: Any  # kvtune.profile.schema.HardwareProfile
     workload: Any  # kvtune.profile.schema.WorkloadProfile | None
     eval_config: EvalConfig
-    evalset: EvalSet
+    evalset: EvalSet | None  # None: prepare(evalset=False)
     target_model: Target
 
     def model_info(self) -> ModelInfo:
@@ -110,9 +110,11 @@ def parse_run_device(device: str) -> str:
 def prepare(*, model: str | None, trust_remote_code: bool, profile: str | None, hardware: str | None,
             target: str | None, context: int | None, quick: bool, attention_sums: bool, seed: int,
             device: str = "auto", tpot_ms: float | None = None, default_tpot_ms: float | None = None,
-            calibration: list[str] | None = None, codecs: tuple[str, ...] = ("fp16",)) -> Prepared:
+            calibration: list[str] | None = None, codecs: tuple[str, ...] = ("fp16",),
+            evalset: bool = True) -> Prepared:
     """Load the hardware, workload and model, price the target (``codecs``: the calibration codec keys the run
-    may need, see :func:`kvtune.measure.calibration.codec_keys`) and build the evaluation set."""
+    may need, see :func:`kvtune.measure.calibration.codec_keys`) and build the evaluation set (``evalset=False``:
+    later, by :func:`prefill_evalset`; ``recommend --buckets`` builds one per bucket length instead)."""
     from kvtune.profile.workload import default_workload
 
     dev = parse_run_device(device)
@@ -135,6 +137,12 @@ def prepare(*, model: str | None, trust_remote_code: bool, profile: str | None, 
     if cfg.multiturn_items:
         cfg.multiturn_turns, why = probe_turns(workload, cfg.multiturn_facts, cfg.multiturn_turns)
         stderr.print(f"multi-turn probe: {cfg.multiturn_turns} turns ({why})")
+    return Prepared(loaded=loaded, target=tgt.spec, hardware=hw, workload=workload, eval_config=cfg,
+                    evalset=prefill_evalset(loaded, cfg, attention_sums) if evalset else None, target_model=tgt)
+
+
+def prefill_evalset(loaded: LoadedModel, cfg: EvalConfig, attention_sums: bool) -> EvalSet:
+    """Prefill the evaluation set once with the full cache, saying how long it took and which probes count."""
     started = time.perf_counter()
     with stderr.status("prefill once ...") as status:
         evalset = build_eval_set(loaded.model, loaded.tokenizer, cfg, attention_sums=attention_sums,
@@ -144,8 +152,7 @@ def prepare(*, model: str | None, trust_remote_code: bool, profile: str | None, 
     passing = sum(p.full_correct for p in evalset.probes)
     if evalset.probes:
         stderr.print(f"full cache answers {passing}/{len(evalset.probes)} probe items; only those count")
-    return Prepared(loaded=loaded, target=tgt.spec, hardware=hw, workload=workload, eval_config=cfg, evalset=evalset,
-                    target_model=tgt)
+    return evalset
 
 
 def gib(n: float) -> str:

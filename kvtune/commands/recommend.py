@@ -14,14 +14,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from kvtune import __version__
 from kvtune.buckets import QUALITY_CAP_TOKENS, QUICK_CAP_TOKENS, BucketResult, parse_buckets, search_buckets, split
-from kvtune.commands.common import DEVICE_HELP, OutputFormat, emit, needs_attention_sums, prepare, stderr
+from kvtune.commands.common import (DEVICE_HELP, OutputFormat, emit, needs_attention_sums, prefill_evalset, prepare,
+                                     stderr)
 from kvtune.commands.export import nonempty_path, write_exports
 from kvtune.errors import UserError, printable
 from kvtune.io import atomic_write_text, check_writable
 from kvtune.measure.calibration import codec_keys
 from kvtune.pipeline import Pipeline, Provenance, utc_now
 from kvtune.preflight import recommend_inputs
-from kvtune.report import front_table, print_measured, side_by_side
+from kvtune.report import BUCKET_COLUMNS, bucket_rows, bucket_summary, front_table, print_measured, side_by_side
 from kvtune.report_md import ReportInput, check_report_dir, write_report
 from kvtune.measure.target import Target
 from kvtune.scenarios import SCENARIOS, Scenario, get_scenario
@@ -91,7 +92,8 @@ def recommend(
     format: Annotated[OutputFormat, typer.Option("--format", "-f", help="stdout: table, json or yaml")] = OutputFormat.table,
     stack: Annotated[Optional[str], typer.Option("--stack", help=f"search only what one serving stack runs, with its numerics: {'|'.join(STACKS)}[@VERSION]")] = None,
     buckets: Annotated[Optional[str], typer.Option("--buckets", help="one pipeline per prompt-length bucket of the workload trace: 'auto' or a bucket count; --trials is per bucket")] = None,
-    report: Annotated[Optional[Path], typer.Option("--report", parser=nonempty_path, help="also write a report folder: report.md, pareto.png, workload.png (needs matplotlib)")] = None,
+    bucket_eval_tokens: Annotated[Optional[int], typer.Option("--bucket-eval-tokens", min=64, help=f"with --buckets: the longest context a bucket's quality is measured at (default {QUALITY_CAP_TOKENS:,}, the bundled model's reliable pass-key range; --quick {QUICK_CAP_TOKENS}); longer buckets are measured there and the run says so")] = None,
+    report: Annotated[Optional[Path], typer.Option("--report", parser=nonempty_path, help="also write a report folder: report.md, pareto.png, workload.png, buckets.png with --buckets (needs matplotlib)")] = None,
 ) -> None:
     """Search KV-cache pipelines for a scenario, measuring every candidate on a real model; write the best."""
     scen = get_scenario(scenario)
@@ -99,6 +101,8 @@ def recommend(
     if stack_profile is not None:
         scen = narrow(scen, stack_profile)
     bucket_count = parse_buckets(buckets) if buckets is not None else None
+    if bucket_eval_tokens is not None and buckets is None:
+        raise UserError("--bucket-eval-tokens: only with --buckets")
     backup = guard_output(output, force)
     if report is not None:
         check_report_dir(report, force)
@@ -110,7 +114,8 @@ def recommend(
     prep = prepare(model=model, trust_remote_code=trust_remote_code, profile=profile, hardware=hardware,
                    target=target, context=context, quick=quick, attention_sums=needs_sums, seed=seed,
                    device=device, tpot_ms=tpot_ms, default_tpot_ms=scen.tpot_ms, calibration=calibration,
-                   codecs=tuple(k for c in scen.codecs for k in codec_keys(c)))
+                   codecs=tuple(k for c in scen.codecs for k in codec_keys(c)),
+                   evalset=buckets is None)  # --buckets: one evaluation set per bucket length instead
     tgt = prep.target_model
     scen, note = searched_scenario(scen, tgt)
     if note:
@@ -130,14 +135,15 @@ def recommend(
         replay = tgt.serving.replay
         if replay is None:
             raise UserError("--buckets: the workload has no trace on disk to split by prompt length")
-        cap = QUICK_CAP_TOKENS if quick else QUALITY_CAP_TOKENS
-        why = (f"--quick caps evaluation contexts at {cap:,} tokens" if quick else
+        cap = bucket_eval_tokens or (QUICK_CAP_TOKENS if quick else QUALITY_CAP_TOKENS)
+        why = (f"--bucket-eval-tokens caps evaluation contexts at {cap:,} tokens" if bucket_eval_tokens else
+               f"--quick caps evaluation contexts at {cap:,} tokens" if quick else
                f"quality measured at most at {cap:,} tokens: the bundled model answers the pass key reliably up to ~4K")
         parts = split(replay.mix(), bucket_count, cap, why)
         if len(parts) > 1:
             result = search_buckets(ctx, parts, prep.loaded.tokenizer, trials=trials, storage=storage, study_name=name,
                                     model_source=prep.loaded.identity, attention_sums=needs_sums,
-                                    progress=lambda msg: stderr.print(escape(msg)))
+                                    on_trial=_trial_line, progress=lambda msg: stderr.print(escape(msg)))
             if result.single is None:
                 raise UserError("--buckets: no candidate is feasible in every bucket; run without --buckets")
             doc = result.document(result.single).model_copy(update={
@@ -155,13 +161,15 @@ def recommend(
                 main = result.outcomes[max(range(len(parts)), key=lambda i: parts[i].share)]
                 written = write_report(report, ReportInput(
                     trials=main.trials, best=doc, feasible=True, scenario=scen, workload=prep.workload,
-                    study=main.study_name, storage=redact_url(storage), rejected=len(main.pruned)), force=force)
+                    study=main.study_name, storage=redact_url(storage), rejected=len(main.pruned), buckets=result),
+                    force=force)
                 stderr.print(f"wrote the report {escape(printable(str(written)))}")
             stderr.print(f"wrote {output} ({len(parts)} buckets, routing by prompt length)")
             if targets:
                 write_exports(doc, targets, export_dir, force=force)
             return
         stderr.print("note: --buckets: the trace's prompt lengths span too narrow a range to split; one pipeline")
+        ctx = dataclasses.replace(ctx, evalset=prefill_evalset(prep.loaded, prep.eval_config, needs_sums))
     started = time.perf_counter()
     with Progress(TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.description}"), console=stderr, transient=False) as bar:
@@ -260,40 +268,35 @@ def _measure_nearest(ctx, best: Pipeline, targets: list[str], stack_profile) -> 
         stderr.print(escape(line))
 
 
+def _trial_line(number: int, measured: Pipeline | None, label: str) -> None:
+    """One stderr line per finished trial of a bucket study (the bucket studies run one after another)."""
+    if measured is None or measured.measured is None:
+        stderr.print(escape(f"  trial {number}: {label}"))
+        return
+    m = measured.measured
+    tps = f", {m.serving.tokens_per_s:,.0f} tokens/s" if m.serving is not None else ""
+    stderr.print(escape(f"  trial {number}: {label}: loss {m.quality.quality_loss:.4f}, "
+                        f"{m.cost.bytes_per_token:,.0f} B/token{tps} ({m.seconds:.0f} s)"))
+
+
 def _print_buckets(result: BucketResult, format: OutputFormat, doc: Pipeline) -> None:
     """The per-bucket table, the routing rule and the routed set against the best single pipeline."""
     from rich.table import Table
 
     r, single = result, result.single
     assert single is not None
-    gain = r.gain
     if format is not OutputFormat.table:
         emit({"recommended": doc.to_dict(), "best_single": single.label(),
               "routed": dataclasses.asdict(r.routed), "best_single_aggregate": dataclasses.asdict(r.single_agg),
-              "gain_tokens_per_s": gain, "notes": r.notes}, format)
+              "gain_tokens_per_s": r.gain, "notes": r.notes,
+              "buckets": [dict(zip((c for c, _ in BUCKET_COLUMNS), row)) for row in bucket_rows(r)]}, format)
         return
     out = Console(width=200)
     table = Table(title="Per-bucket recommendation (route each prompt to the first bucket whose bound holds)")
-    for col in ("bucket (prompt tokens)", "requests", "median", "measured at", "pipeline", "loss", "tok/s",
-                "single: loss", "single: tok/s"):
-        table.add_column(col)
-    low = 0
-    for b, p in zip(r.buckets, r.picks):
-        s = r.measured[b.index][single.label()]
-        table.add_row(b.label(low), f"{b.share:.0%}", f"{b.representative:,}",
-                      f"{b.measured_at:,}" + (" (capped)" if b.cap_reason else ""), escape(p.label()),
-                      f"{p.measured.quality.quality_loss:.4f}", f"{p.measured.serving.tokens_per_s:,.0f}",  # type: ignore[union-attr]
-                      f"{s.measured.quality.quality_loss:.4f}", f"{s.measured.serving.tokens_per_s:,.0f}")  # type: ignore[union-attr]
-        low = b.max_input_tokens or low
+    for col, just in BUCKET_COLUMNS:
+        table.add_column(col, justify=just, overflow="fold")  # type: ignore[arg-type]
+    for row in bucket_rows(r):
+        table.add_row(*(escape(c) for c in row))
     out.print(table)
-    distinct = len({p.label() for p in r.picks})
-    out.print(f"{distinct} different pipelines over {len(r.buckets)} buckets; best single pipeline: "
-              f"{escape(single.label())}")
-    sa = r.single_agg
-    assert sa is not None
-    out.print(f"over the workload mix (serving model, {escape(r.outcomes[0].study_name.rsplit('/', 1)[0])}): routed "
-              f"{r.routed.tokens_per_s:,.0f} tok/s, loss {r.routed.quality_loss:.4f}, {r.routed.bytes_per_token:,.0f} B/token; "
-              f"best single {sa.tokens_per_s:,.0f} tok/s, loss {sa.quality_loss:.4f}, {sa.bytes_per_token:,.0f} B/token; "
-              f"gain {'-' if gain is None else f'{gain:+.1%}'} tokens/s")
-    for note in r.notes:
-        stderr.print(f"note: {escape(note)}")
+    for line in bucket_summary(r):
+        out.print(escape(line), highlight=False)

@@ -138,3 +138,84 @@ def test_every_exporter_says_it_cannot_switch_by_length() -> None:
     said = {t for t, r in render_pipeline(_bucketed(), ["all"]) if "cannot switch the KV pipeline by prompt length" in r.text}
     assert said == set(TARGETS)
     assert not any("prompt length" in r.text for _t, r in render_pipeline(Pipeline(), ["all"]))
+
+
+# -- each bucket priced at its own length; quality measured once per evaluation set --------------------------
+
+@pytest.fixture(scope="module")
+def h100_ctx():
+    """datacenter on h100-sxm for llama-3.1-8b over the bundled trace; no model is loaded (the serving model needs
+    only the target's shapes, and these tests hand the bucket contexts their evaluation sets)."""
+    from types import SimpleNamespace
+
+    from kvtune.commands.common import load_hardware
+    from kvtune.measure.quality import EvalSet
+    from kvtune.measure.target import build_target
+    from kvtune.modelspec import preset
+    from kvtune.profile.workload import default_workload
+    from kvtune.search import SearchContext
+
+    hw, _ = load_hardware(None, "h100-sxm")
+    loaded = SimpleNamespace(spec=preset("smollm2-135m"), model=SimpleNamespace(parameters=lambda: iter(())))
+    target = build_target(hardware=hw, workload=default_workload(), loaded=loaded, target="llama-3.1-8b",
+                          context=None, tpot_ms=None, default_tpot_ms=100.0)
+    return SearchContext(model=None, evalset=EvalSet(), eval_config=EvalConfig(), target=target,
+                         scenario=get_scenario("datacenter"))
+
+
+def _bucket_contexts(ctx):
+    from kvtune.buckets import bucket_context
+    from kvtune.measure.quality import EvalSet
+
+    parts = split(ctx.target.serving.replay.mix(), None, 4096, "cap")
+    shared = {n: (EvalSet(), bucket_eval_config(ctx.eval_config, n), {}) for n in {b.measured_at for b in parts}}
+    return parts, [bucket_context(ctx, b, None, False, None, shared) for b in parts]
+
+
+def test_each_bucket_is_priced_at_its_own_length_over_its_own_requests(h100_ctx) -> None:
+    parts, ctxs = _bucket_contexts(h100_ctx)
+    assert [b.representative for b in parts] == [1609, 8431, 22731]  # the bundled trace's three bucket medians
+    assert [b.measured_at for b in parts] == [1609, 4096, 4096]
+    for b, c in zip(parts, ctxs):
+        assert c.target.cost.context_tokens == b.representative  # cost (and the pre-check) at the bucket's median
+        assert c.eval_config.context_tokens == c.eval_config.passkey_tokens == b.measured_at
+        # the serving model's decode context over exactly the bucket's requests, by hand
+        ins_outs = list(b.requests)
+        by_hand = sum(o * (i + o / 2) for i, o in ins_outs) / sum(o for _i, o in ins_outs)
+        assert c.target.serving.mix.decode_context == pytest.approx(by_hand)
+        assert c.target.serving.mix.requests == len(ins_outs)
+        assert len(c.target.serving.replay.requests) == len(ins_outs)  # the replay keeps only them
+    assert h100_ctx.target.cost.context_tokens == int(h100_ctx.target.workload.total_tokens.p50)  # untouched
+    # buckets measured at the same (capped) length share the evaluation set and the quality memo; others do not
+    assert ctxs[1].evalset is ctxs[2].evalset and ctxs[1].quality_memo is ctxs[2].quality_memo
+    assert ctxs[0].evalset is not ctxs[1].evalset and ctxs[0].quality_memo is not ctxs[1].quality_memo
+
+
+def test_quality_is_measured_once_per_evaluation_set_and_priced_per_bucket(h100_ctx, monkeypatch) -> None:
+    import kvtune.search as search
+
+    calls = []
+    q = QualityResult(quality_loss=0.01, kl_mean=0.01, kl_max=0.02, top1_agreement=1.0, perplexity=1.0,
+                      perplexity_full=1.0, eval_tokens=64)
+
+    def fake_quality(model, evalset, stages, config, seed, *rest):
+        calls.append(evalset)
+        return q
+
+    def fake_cost(stages, setup, seed):  # the stored form's bytes at the target's shapes, without the tensors
+        full = setup.spec.kv_bytes_per_token()
+        return CostResult(bytes_per_token=full / 2, bytes_per_token_full=full, compression_ratio=2.0,
+                          context_tokens=setup.context_tokens, capacity_seqs=1, capacity_full_seqs=1,
+                          memory_budget_bytes=1, backend="test", device="cpu")
+
+    monkeypatch.setattr(search, "evaluate_quality", fake_quality)
+    monkeypatch.setattr(search, "measure_cost", fake_cost)
+    _parts, ctxs = _bucket_contexts(h100_ctx)
+    fp8 = Pipeline(codec=Stage(method="fp8", params={"fmt": "e4m3", "scale": "head"}))
+    m = [search.measure(c, fp8).measured for c in ctxs]
+    assert calls == [ctxs[0].evalset, ctxs[1].evalset]  # bucket 3 reuses bucket 2's measurement (same set)
+    assert m[1].quality == m[2].quality == q
+    assert [x.cost.context_tokens for x in m] == [1609, 8431, 22731]
+    # a longer bucket decodes over a longer context: fewer tokens/s for the same pipeline
+    assert m[0].serving.tokens_per_s > m[1].serving.tokens_per_s > m[2].serving.tokens_per_s
+    assert [x.serving.decode_context for x in m] == [round(c.target.serving.mix.decode_context, 1) for c in ctxs]

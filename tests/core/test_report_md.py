@@ -16,9 +16,10 @@ from typer.testing import CliRunner
 
 from kvtune.cli import app
 from kvtune.errors import UserError
-from kvtune.pipeline import Bucket, Pipeline
+from kvtune.buckets import BucketResult, LengthBucket, aggregate
+from kvtune.pipeline import Pipeline
 from kvtune.profile.workload import default_workload
-from kvtune.report import front_rows, side_by_side_rows
+from kvtune.report import bucket_rows, front_rows, side_by_side_rows
 from kvtune.report_md import BUCKETS_HOOK, MARKER, ReportInput, check_report_dir, render_markdown, write_report
 from kvtune.scenarios import get_scenario
 from kvtune.search import choose, pareto_front
@@ -57,17 +58,37 @@ def test_markdown_shows_the_measured_figures_and_their_sources():
     assert "3 measured trials, 1 rejected before running" in md
 
 
+def _routed(inp: ReportInput) -> BucketResult:
+    """Two buckets of real measured trials: the full cache picked in the short one, another trial in the long one."""
+    a, b = inp.trials[0], inp.trials[1]
+    parts = [LengthBucket(0, 4096, ((1000, 100),) * 3, 0.75, 1000, 1000, None),
+             LengthBucket(1, None, ((9000, 300),), 0.25, 9000, 4096, "capped at 4,096")]
+    measured = [{a.label(): a, b.label(): b}, {a.label(): a, b.label(): b}]
+    scen = inp.scenario
+    return BucketResult(buckets=parts, outcomes=[], measured=measured, pool=[a.label(), b.label()], picks=[a, b],
+                        single=a, routed=aggregate([a, b], parts, scen), single_agg=aggregate([a, a], parts, scen),
+                        notes=["bucket 2: quality measured at 4,096 tokens, not its median 9,000 (capped at 4,096)"])
+
+
 def test_bucket_table_when_the_pipeline_routes_by_length():
     inp = _input()
-    a, b = inp.trials[0], inp.trials[1]
-    routed = inp.best.model_copy(update={"schema_version": 2, "buckets": [
-        Bucket(max_input_tokens=4096, selection=a.selection, codec=a.codec, placement=a.placement, share=0.6,
-               measured_at_tokens=2048, measured=a.measured),
-        Bucket(selection=b.selection, codec=b.codec, placement=b.placement, share=0.4, measured_at_tokens=4096,
-               measured=b.measured)]})
-    md = render_markdown(ReportInput(**{**inp.__dict__, "best": routed}))
-    assert f"| 1..4,096 | 60% | 2,048 | {a.label()} | {a.measured.quality.quality_loss:.4f} |" in md
-    assert f"| > 4,096 | 40% | 4,096 | {b.label()} | {b.measured.quality.quality_loss:.4f} |" in md
+    r = _routed(inp)
+    a, b = r.picks
+    md = render_markdown(ReportInput(**{**inp.__dict__, "buckets": r}))
+    rows = bucket_rows(r)
+    for row in rows:  # the terminal's rows, cell for cell
+        assert "| " + " | ".join(row) + " |" in md
+    # shares of requests and of prompt + output tokens, by hand: 3 x 1,100 and 1 x 9,300 tokens
+    assert rows[0][:5] == ("[1, 4,096]", "75%", f"{100 * 3300 / 12600:.0f}%", "1,000", "1,000")
+    assert rows[1][:5] == ("(4,096, inf]", "25%", f"{100 * 9300 / 12600:.0f}%", "9,000", "4,096 (capped)")
+    assert rows[1][5:7] == (b.label(), f"{b.measured.quality.quality_loss:.4f}")
+    assert rows[1][9:] == (f"{a.measured.quality.quality_loss:.4f}", f"{a.measured.serving.tokens_per_s:,.0f}")
+    # the aggregate: 300 output tokens at a's tokens/s and 300 at b's, over the time they take
+    ta, tb = a.measured.serving.tokens_per_s, b.measured.serving.tokens_per_s
+    assert r.routed.tokens_per_s == pytest.approx(600 / (300 / ta + 300 / tb))
+    assert r.gain == pytest.approx(r.routed.tokens_per_s / ta - 1)
+    assert f"gain of routing {r.gain:+.1%} tokens/s" in md and "2 different pipelines over 2 buckets" in md
+    assert "not its median 9,000" in md and "![Per-bucket candidates](buckets.png)" in md
 
 
 @needs_mpl
@@ -85,6 +106,12 @@ def test_report_folder_and_pngs(tmp_path):
         assert img.shape[1] >= min_w and img.shape[0] >= 350
         assert float(np.asarray(img)[..., :3].std()) > 0.05  # drawn on, not a blank canvas
     assert not [p for p in tmp_path.iterdir() if p.name != "rep"]  # no staging folder left
+    inp = _input()
+    write_report(out, ReportInput(**{**inp.__dict__, "buckets": _routed(inp)}), force=False)
+    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, "report.md", "pareto.png", "workload.png",
+                                                            "buckets.png"])
+    img = imread(out / "buckets.png")
+    assert img.shape[1] >= 1000 and float(np.asarray(img)[..., :3].std()) > 0.05
 
 
 @needs_mpl
