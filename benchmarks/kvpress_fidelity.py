@@ -16,7 +16,8 @@ uses), each press applied through kvpress's own forward hooks. At every layer it
 token indices the press kept: the top ``n_kept`` of its scores (``ScorerPress.compress``), or, for AdaKV, every
 token not in the ``masked_key_indices`` it sets. Step 2 builds kvtune's selector with aligned parameters (below),
 calls ``select``/``select_ragged`` on the same recorded tensors and compares the kept sets per (prompt, layer, KV
-head): Jaccard = |kvtune ∩ kvpress| / |kvtune ∪ kvpress|. Results: ``benchmarks/results/kvpress_fidelity.json``.
+head): Jaccard = |kvtune ∩ kvpress| / |kvtune ∪ kvpress|. Results: ``benchmarks/results/kvpress_fidelity.json``
+and the table of docs/strategies.md (between its ``kvpress`` markers).
 
 The comparison is of the selection rules given identical inputs; how each tool captures queries and keys inside
 its attention is not compared (kvtune's runtime records post-RoPE queries in its registered attention function,
@@ -35,6 +36,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "kvpress_fidelity.json"
+PAGE = ROOT / "docs" / "strategies.md"
+START, END = "<!-- kvpress:start -->", "<!-- kvpress:end -->"
 PROMPT_TOKENS = (1000, 1500)  # two prompts; kept counts are integers on both sides (no rounding to align)
 KEEP = 0.3  # kvpress compression_ratio 0.7; kvtune budget = the same token count (int), not a ratio
 WINDOW = 64
@@ -50,6 +53,14 @@ ALIGNED = {
     "knorm": {"sinks": 0, "recent": 0},
     "tova": {"sinks": 0, "recent": 1},
     "ada_kv": {"window": WINDOW, "kernel": 5, "pooling": "avg", "sinks": 0, "recent": 0, "alpha_safeguard": 0.2},
+}
+
+# The check can fail: kvtune's earlier SnapKV defaults, TOVA's default 4 sinks and KNorm with a recent window
+# keep other tokens than kvpress does (reported beside the aligned rows).
+MISALIGNED = {
+    "snapkv": {"window": 32, "kernel": 7, "pooling": "max", "sinks": 0, "recent": 0},
+    "tova": {"sinks": 4, "recent": 0},
+    "knorm": {"sinks": 0, "recent": 32},
 }
 
 
@@ -133,15 +144,24 @@ def _dist(name: str) -> str:
 def compare(path: Path) -> dict:
     import transformers
 
+    data = torch.load(path, weights_only=False)
+    return {"kvpress_side": data["versions"], "kvtune_side": {"transformers": transformers.__version__,
+                                                               "torch": torch.__version__},
+            "prompts_tokens": [int(i["ids"].shape[0]) for i in data["items"]], "keep": data["keep"],
+            "aligned_params": ALIGNED, "rows": jaccard(data, ALIGNED),
+            "misaligned_params": MISALIGNED, "misaligned_rows": jaccard(data, MISALIGNED)}
+
+
+def jaccard(data: dict, params_by_method: dict) -> dict:
+    """Per method: Jaccard of kvtune's kept set (``params_by_method``) and kvpress's, per (prompt, layer, head)."""
     from kvtune.strategies import ScoreInputs, build
 
-    data = torch.load(path, weights_only=False)
-    per_method: dict[str, list[float]] = {m: [] for m in ALIGNED}
+    per_method: dict[str, list[float]] = {m: [] for m in params_by_method}
     for item in data["items"]:
         layers = len(item["inputs"])
         t = item["ids"].shape[0]
         n = max(1, int(t * (1 - (1.0 - data["keep"]))))  # kvpress's compute_n_kept
-        for name, params in ALIGNED.items():
+        for name, params in params_by_method.items():
             sel = build("selection", name, {**params, "budget": n})
             for layer, (keys, values, queries) in sorted(item["inputs"].items()):
                 inputs = ScoreInputs(keys, values, layer, layers, data["scaling"], window_queries=queries)
@@ -159,12 +179,8 @@ def compare(path: Path) -> dict:
                     for a, p in zip(ours.reshape(-1, ours.shape[-1]), theirs.reshape(-1, theirs.shape[-1])):
                         a, p = set(a.tolist()), set(p.tolist())
                         per_method[name].append(len(a & p) / len(a | p))
-    rows = {m: {"heads_compared": len(v), "jaccard_mean": sum(v) / len(v), "jaccard_min": min(v),
+    return {m: {"heads_compared": len(v), "jaccard_mean": sum(v) / len(v), "jaccard_min": min(v),
                 "identical": sum(x == 1.0 for x in v)} for m, v in per_method.items()}
-    return {"kvpress_side": data["versions"], "kvtune_side": {"transformers": transformers.__version__,
-                                                               "torch": torch.__version__},
-            "prompts_tokens": [int(i["ids"].shape[0]) for i in data["items"]], "keep": data["keep"],
-            "aligned_params": ALIGNED, "rows": rows}
 
 
 def render(res: dict) -> str:
@@ -175,9 +191,11 @@ def render(res: dict) -> str:
              f"tokens kept, every layer and KV head (`python benchmarks/kvpress_fidelity.py`):", "",
              "| method | (prompt, layer, head) sets | identical | Jaccard mean | Jaccard min |",
              "| --- | ---: | ---: | ---: | ---: |"]
-    for m, r in res["rows"].items():
-        lines.append(f"| {m} | {r['heads_compared']} | {r['identical']} | {r['jaccard_mean']:.6f} | "
-                     f"{r['jaccard_min']:.4f} |")
+    for label, rows in (("", res["rows"]), (" (misaligned)", res.get("misaligned_rows", {}))):
+        for m, r in rows.items():
+            extra = "" if not label else " " + ",".join(f"{k}={v}" for k, v in res["misaligned_params"][m].items())
+            lines.append(f"| {m}{label}{extra} | {r['heads_compared']} | {r['identical']} | "
+                         f"{r['jaccard_mean']:.6f} | {r['jaccard_min']:.4f} |")
     return "\n".join(lines)
 
 
@@ -195,7 +213,12 @@ def main() -> None:
     res = compare(args.compare)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(res, indent=1))
-    print(render(res))
+    table = render(res)
+    print(table)
+    text = PAGE.read_text()
+    if START in text and END in text:  # the table of docs/strategies.md, between its markers
+        head, rest = text.split(START, 1)
+        PAGE.write_text(head + START + "\n" + table + "\n" + END + rest.split(END, 1)[1])
 
 
 if __name__ == "__main__":
