@@ -115,6 +115,8 @@ def cache_settings(p: Pipeline, notes: c.Notes, *, runner: str = f"{SNIPPET_FILE
                     "cache_implementation offloaded keeps only the running layer on the GPU; no equivalent for "
                     + ", ".join(left),
                 )
+            notes.note("the offloaded cache moves KV between a CUDA GPU and CPU memory: on a machine without CUDA "
+                       "transformers stops with 'Torch not compiled with CUDA enabled'")
     elif place.method != "gpu":
         notes.not_expressible(f"placement {place.label()} (unknown method)", "all KV on the GPU")
     return impl, cache_config

@@ -11,6 +11,7 @@ LEFT OUT OR CHANGED (transformers 5.24.0 cannot express them):
   - selection h2o(budget=0.5,sinks=0,recent=32) (token eviction) in hf_generation_config.json: not expressible in transformers 5.24.0; nearest supported: keep every token; hf_kvtune.py runs the eviction with kvtune's cache
 
 Notes:
+  - the offloaded cache moves KV between a CUDA GPU and CPU memory: on a machine without CUDA transformers stops with 'Torch not compiled with CUDA enabled'
   - serving switches (prefix_caching, max_model_len, gpu_memory_fraction) have no generate() equivalent: they apply to serving stacks
 """
 

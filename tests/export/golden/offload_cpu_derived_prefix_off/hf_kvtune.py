@@ -10,6 +10,7 @@ LEFT OUT OR CHANGED (transformers 5.24.0 cannot express them):
   - placement offload(tier=cpu,gpu_fraction=0.25,block_size=64,prefetch_depth=1): approximated in transformers 5.24.0: cache_implementation offloaded keeps only the running layer on the GPU; no equivalent for gpu_fraction, block_size
 
 Notes:
+  - the offloaded cache moves KV between a CUDA GPU and CPU memory: on a machine without CUDA transformers stops with 'Torch not compiled with CUDA enabled'
   - serving switches (prefix_caching, max_model_len, gpu_memory_fraction) have no generate() equivalent: they apply to serving stacks
 
 Measured by kvtune on exactly what this script runs (kvtune's Cache; the generation_config fragment is what LEFT OUT OR CHANGED says):

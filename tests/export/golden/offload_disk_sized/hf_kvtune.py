@@ -10,6 +10,7 @@ LEFT OUT OR CHANGED (transformers 5.24.0 cannot express them):
   - placement offload(tier=disk,gpu_fraction=0.5,block_size=32,prefetch_depth=1,host_bytes=68719476736): approximated in transformers 5.24.0: cache_implementation offloaded keeps only the running layer on the GPU; no equivalent for gpu_fraction, block_size, tier=disk (transformers offloads to CPU memory)
 
 Notes:
+  - the offloaded cache moves KV between a CUDA GPU and CPU memory: on a machine without CUDA transformers stops with 'Torch not compiled with CUDA enabled'
   - serving switches (prefix_caching, max_model_len, gpu_memory_fraction) have no generate() equivalent: they apply to serving stacks
 """
 

@@ -8,6 +8,7 @@ LEFT OUT OR CHANGED (kvpress 0.5.5 cannot express them):
   - placement offload(tier=disk,gpu_fraction=0.5,block_size=32,prefetch_depth=1,host_bytes=68719476736): approximated in kvpress 0.5.5: cache_implementation offloaded keeps only the running layer on the GPU; no equivalent for gpu_fraction, block_size, tier=disk (transformers offloads to CPU memory)
 
 Notes:
+  - the offloaded cache moves KV between a CUDA GPU and CPU memory: on a machine without CUDA transformers stops with 'Torch not compiled with CUDA enabled'
   - serving switches (prefix_caching, max_model_len, gpu_memory_fraction) do not apply to kvpress
   - the cache= line follows transformers 5.24.0; kvpress 0.5.5 pins transformers<5.3, whose cache classes may take other arguments (check before running)
 """
