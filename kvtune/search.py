@@ -86,15 +86,32 @@ def warm_start(scenario: Scenario) -> list[dict[str, Any]]:
             and scenario.allows("placement", w["placement"])]
 
 
-def make_sampler(seed: int, trials: int, warm: int = 0) -> Any:
+STARTUP_TRIALS = 4  # trials before TPE models anything: the warm starts count, random trials fill the rest
+
+
+def good_share(n: int) -> int:
+    """How many of ``n`` finished trials TPE models as the good set ("below"): a third, at most 25. Optuna's
+    default (a tenth) keeps one trial good until the tenth, so every other point of a multi-point front found so
+    far (the warm starts: fp16, fp8, int8, KIVI-4) is modeled as bad and the sampler steers away from the region
+    the front lies in. A third keeps the feasible front in the good set; infeasible trials fill it only when fewer
+    than a third are feasible, least violating first (Optuna's constraint handling)."""
+    return min(25, max(1, math.ceil(n / 3)))
+
+
+def make_sampler(seed: int, warm: int = 0) -> Any:
     """kvtune's sampler: multivariate TPE with grouped decomposition (each method's parameters form their own
-    group, so the sampler never models a parameter of a method the trial did not pick), random startup trials
-    for a third of the budget (4 to 10), and the scenario's quality ceiling as a constraint (``set_constraint``).
-    ``benchmarks/search.py`` replays this exact setup against an exhaustively measured grid."""
+    group, so the sampler never models a parameter of a method the trial did not pick), :func:`good_share` of
+    the trials as the good set, :data:`STARTUP_TRIALS` startup trials of which the ``warm`` warm starts
+    (:func:`warm_start`) are the first (random trials only fill up to it), and the scenario's quality ceiling as
+    a constraint (``set_constraint``, see :func:`violation`). ``benchmarks/search.py`` replays this exact setup
+    against an exhaustively measured grid (docs/benchmarks.md, "Search efficiency")."""
     import optuna
 
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
-                                      n_startup_trials=max(4, min(10, trials // 3)))
+    with warnings.catch_warnings():  # gamma: deprecated since Optuna 4.9 with no replacement, removed in 6.0
+        warnings.simplefilter("ignore", FutureWarning)  # (pyproject pins optuna < 6); group: experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, gamma=good_share,
+                                          n_startup_trials=max(STARTUP_TRIALS, warm))
 
 
 @dataclass
@@ -265,7 +282,7 @@ def run_study(ctx: SearchContext, *, trials: int, storage: str, study_name: str,
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     fingerprint = eval_fingerprint(ctx, model_source)
 
-    sampler = make_sampler(ctx.seed if sampler_seed is None else sampler_seed, trials, len(warm_start(ctx.scenario)))
+    sampler = make_sampler(ctx.seed if sampler_seed is None else sampler_seed, len(warm_start(ctx.scenario)))
     opened = open_storage(storage)  # heartbeat + retry of trials whose process died (kvtune/storage.py)
     try:
         study = optuna.create_study(storage=opened, study_name=study_name, sampler=sampler,
