@@ -219,7 +219,10 @@ class Provenance(_Strict):
     scenario: str | None = None
     study: str | None = None
     seed: int | None = None
-    model: ModelInfo | None = None
+    model: ModelInfo | None = None  # the target's shapes, which bytes and serving figures are priced at
+    quality_model: str | None = Field(None, max_length=MAX_TEXT, description=(
+        "the model quality was measured on: name, content identity (file name + SHA-256), device and dtype; "
+        "it differs from `model` when --target prices another model's shapes"))
     hardware: HardwareInfo | None = None
     workload: WorkloadInfo | None = None
 

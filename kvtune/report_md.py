@@ -266,7 +266,7 @@ def provenance_lines(inp: ReportInput) -> list[str]:
     m = best.measured
     assert m is not None
     prov = best.provenance
-    model = prov.model.name if prov is not None and prov.model is not None else "the model"
+    model = prov.quality_model if prov is not None and prov.quality_model else "the model"
     hw = prov.hardware if prov is not None else None
     lines = [f"- **quality** (loss, KL, top-1, probes): measured: {model} run with the pipeline against the full cache "
              f"({m.quality.eval_tokens:,} evaluation tokens; the trial's kernels ran on {m.cost.device})",
@@ -300,8 +300,10 @@ def render_markdown(inp: ReportInput) -> str:
     if prov is not None:
         bits = [f"kvtune {prov.kvtune_version}", f"created {prov.created}"]
         if prov.model is not None:
-            bits.append(f"model {prov.model.name} ({prov.model.layers} layers, {prov.model.kv_heads} KV heads, "
-                        f"head dim {prov.model.head_dim})")
+            bits.append(f"costs priced at {prov.model.name}'s shapes ({prov.model.layers} layers, "
+                        f"{prov.model.kv_heads} KV heads, head dim {prov.model.head_dim})")
+        if prov.quality_model:
+            bits.append(f"quality measured on {prov.quality_model}")
         if prov.hardware is not None:
             bits.append(f"hardware {prov.hardware.name} ({prov.hardware.source})")
         if prov.workload is not None:

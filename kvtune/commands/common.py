@@ -63,6 +63,11 @@ class Prepared:
         return ModelInfo(name=t.name, source=self.loaded.source if t is self.loaded.spec else f"preset:{t.name}",
                          layers=t.layers, kv_heads=t.kv_heads, q_heads=t.q_heads, head_dim=t.head_dim, dtype=t.dtype)
 
+    def quality_model(self) -> str:
+        """The model every quality figure was measured on, for :attr:`Provenance.quality_model`."""
+        m = self.loaded
+        return f"{m.name} ({m.identity}; ran on {m.device} in {m.compute_dtype})"
+
     def hardware_info(self) -> HardwareInfo:
         h = self.hardware
         mem = h.gpu_memory_total_bytes if h.accelerator else h.cpu_ram_total_bytes

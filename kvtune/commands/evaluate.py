@@ -51,6 +51,7 @@ def evaluate(
     prov = (given.provenance or Provenance(kvtune_version=__version__, created=utc_now()))
     result = result.model_copy(update={"provenance": prov.model_copy(update={
         "kvtune_version": __version__, "created": utc_now(), "model": prep.model_info(),
+        "quality_model": prep.quality_model(),
         "hardware": prep.hardware_info(), "workload": prep.workload_info(), "seed": seed})})
     if format is OutputFormat.table:
         print_measured(Console(width=200), result)

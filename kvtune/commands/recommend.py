@@ -150,7 +150,8 @@ def recommend(
                 "measured": result.measured[max(range(len(parts)), key=lambda i: parts[i].share)][result.single.label()].measured,
                 "name": f"{scen.name} recommendation, {len(parts)} length buckets",
                 "provenance": Provenance(kvtune_version=__version__, created=utc_now(), scenario=scen.name, study=name,
-                                         seed=seed, model=prep.model_info(), hardware=prep.hardware_info(),
+                                         seed=seed, model=prep.model_info(), quality_model=prep.quality_model(),
+                                         hardware=prep.hardware_info(),
                                          workload=prep.workload_info())})
             if backup is not None:
                 output.replace(backup)
@@ -205,8 +206,8 @@ def recommend(
     best = best.model_copy(update={
         "name": f"{scen.name} recommendation" + (f" for {stack_profile.label}" if stack_profile else ""),
         "provenance": Provenance(kvtune_version=__version__, created=utc_now(), scenario=scen.name, study=name,
-                                 seed=seed, model=prep.model_info(), hardware=prep.hardware_info(),
-                                 workload=prep.workload_info()),
+                                 seed=seed, model=prep.model_info(), quality_model=prep.quality_model(),
+                                 hardware=prep.hardware_info(), workload=prep.workload_info()),
     })
     if backup is not None:
         output.replace(backup)

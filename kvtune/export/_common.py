@@ -264,6 +264,8 @@ def header_lines(*, title: str, p: Pipeline, stack: str, version: str, options_f
         lines.append(
             f"model: {m.name} ({m.source}; {m.layers} layers, {m.kv_heads} KV heads, head_dim {m.head_dim}, {m.dtype})"
         )
+    if p.provenance is not None and p.provenance.quality_model:
+        lines.append(f"quality measured on: {p.provenance.quality_model}")
     lines.append("")
     lines += usage
     if p.buckets:  # one note for every stack: none switches the KV pipeline by prompt length
