@@ -3,7 +3,8 @@
 The folder holds ``report.md``, ``pareto.png`` (quality loss against output tokens/s — time to first token for
 a scenario that prefers it — and against KV bytes per token; every trial, the Pareto front, the recommended
 point marked, the scenario's quality-loss ceiling drawn) and ``workload.png`` (the workload's context-length
-histogram from the profile's power-of-two buckets). The tables are :mod:`kvtune.report`'s rows (the same figures
+histogram from the profile's power-of-two buckets; a ``--buckets`` run draws the routing bounds on it and adds
+``buckets.png``: each candidate's speed and quality loss per length bucket). The tables are :mod:`kvtune.report`'s rows (the same figures
 the terminal shows), each serving figure with its provenance; nothing is computed here a second time.
 
 The folder is written whole: staged in a hidden sibling folder, then renamed into place, so a killed run leaves
