@@ -41,11 +41,11 @@ from kvtune.scenarios import SCENARIOS, get_scenario
 from kvtune.strategies import Stages
 from kvtune.runtime import KVCache
 
-PIPELINES = [
-    Pipeline(codec=Stage(method="kivi", params={"bits": 4, "group_size": 32, "residual": 64})),
+PIPELINES = [  # KIVI with the value policy the search space asks for (an omitted value_window means key_schedule)
+    Pipeline(codec=Stage(method="kivi", params={"bits": 4, "group_size": 32, "residual": 64, "value_window": "paper"})),
     Pipeline(selection=Stage(method="snapkv", params={"budget": 0.3}), codec=Stage(method="int8")),
     Pipeline(codec=Stage(method="fp8", params={"fmt": "e4m3", "scale": "head"})),
-    Pipeline(codec=Stage(method="kivi", params={"bits": 2, "group_size": 32, "residual": 64})),
+    Pipeline(codec=Stage(method="kivi", params={"bits": 2, "group_size": 32, "residual": 64, "value_window": "paper"})),
 ]
 
 
