@@ -268,7 +268,8 @@ def replay(kind: str, seed: int, points: dict[str, Any], built: dict[str, Pipeli
             spent[0] += frac if stopped else 1.0  # a continuing candidate's full trial reuses its slice
             seen[label] = None if stopped else p
         # the constraint exactly as run_study sets it: the slice's bound for a stopped candidate, else violation()
-        trial.set_constraint("quality_loss", entry["probe_bound"] - ceiling if stopped else violation(p.measured.quality, scenario))  # type: ignore[union-attr]
+        over = entry["probe_bound"] - ceiling if stopped else violation(p.measured.quality, scenario)  # type: ignore[union-attr]
+        trial.set_constraint("quality_loss", over)
         if stopped:
             q = entry["probe_bound"]
         return q, sp, b
