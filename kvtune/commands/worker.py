@@ -109,7 +109,7 @@ def worker(
         stderr.print(f"note: {note}")
     ctx = SearchContext(model=prep.loaded.model, evalset=prep.evalset, eval_config=prep.eval_config,
                         target=prep.target_model, scenario=scen, seed=int(settings.get("seed", 0)))
-    own = fingerprint_fields(ctx, prep.loaded.source)
+    own = fingerprint_fields(ctx, prep.loaded.identity)
     recorded = optuna.load_study(study_name=study, storage=open_storage(storage)).user_attrs.get("fingerprint_fields")
     diff = fingerprint_mismatch(recorded, own)
     if diff:
