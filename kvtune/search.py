@@ -128,15 +128,24 @@ class SearchContext:
     quality_memo: dict[str, Any] | None = None
 
 
-def stop_early(ctx: SearchContext, stages: Stages) -> tuple[float | None, list[list[bool]] | None]:
+def stop_early(ctx: SearchContext, stages: Stages, label: str) -> tuple[float | None, list[list[bool]] | None]:
     """Multi-fidelity rule: run the probe slice; (its lower bound on quality loss when that already exceeds the
     scenario's ceiling (the candidate can never be feasible, so never the pick), else None (measure it in full);
-    the slice's per-item outcomes, which :func:`measure` reuses instead of scoring the probes again)."""
+    the slice's per-item outcomes, which :func:`measure` reuses instead of scoring the probes again).
+
+    With a shared ``quality_memo`` (length buckets measured on one evaluation set) the slice runs once per
+    pipeline ``label``: a pipeline already measured in full skips it, a stopped one reuses its bound."""
     if not ctx.multi_fidelity:
         return None, None
+    memo, key = ctx.quality_memo, f"{label} (probe slice)"
+    if memo is not None and (label in memo or key in memo):
+        return memo.get(key, (None, None))
     outcomes = probe_outcomes(ctx.model, ctx.evalset, stages, ctx.eval_config, ctx.seed)
     bound = probe_loss_bound(ctx.model, ctx.evalset, stages, ctx.eval_config, ctx.seed, outcomes=outcomes)
-    return (bound if bound is not None and bound > ctx.scenario.max_quality_loss + 1e-12 else None), outcomes
+    result = (bound if bound is not None and bound > ctx.scenario.max_quality_loss + 1e-12 else None), outcomes
+    if memo is not None and result[0] is not None:  # a continuing candidate's full quality is memoized by measure()
+        memo[key] = result
+    return result
 
 
 def measure(ctx: SearchContext, pipeline: Pipeline, trial_number: int | None = None,
@@ -338,7 +347,7 @@ def run_study(ctx: SearchContext, *, trials: int, storage: str, study_name: str,
                 raise optuna.TrialPruned(reason)
             bound, probes = stopped.get(label), None
             if bound is None:
-                bound, probes = stop_early(ctx, stages)
+                bound, probes = stop_early(ctx, stages, label)
             if bound is not None:  # infeasible for sure: priced (cheap), recorded with its bound, not stored
                 stopped[label] = bound
                 cost = measure_cost(stages, ctx.target.cost, ctx.seed)

@@ -219,3 +219,26 @@ def test_quality_is_measured_once_per_evaluation_set_and_priced_per_bucket(h100_
     # a longer bucket decodes over a longer context: fewer tokens/s for the same pipeline
     assert m[0].serving.tokens_per_s > m[1].serving.tokens_per_s > m[2].serving.tokens_per_s
     assert [x.serving.decode_context for x in m] == [round(c.target.serving.mix.decode_context, 1) for c in ctxs]
+
+
+def test_probe_slice_runs_once_per_pipeline_across_buckets_sharing_a_memo(monkeypatch):
+    """Buckets measured on one evaluation set share the quality memo: a pipeline's probe slice runs once there; a
+    stopped pipeline reuses its bound and a fully measured one skips the slice (measure() reads its quality)."""
+    from types import SimpleNamespace
+
+    import kvtune.search as search
+
+    calls: list[str] = []
+    monkeypatch.setattr(search, "probe_outcomes", lambda _m, _e, stages, _c, _s: calls.append(stages) or [[False]])
+    monkeypatch.setattr(search, "probe_loss_bound", lambda *a, outcomes: 0.5 if a[2] == "bad" else 0.0)
+    memo: dict = {}
+    ctx = SimpleNamespace(multi_fidelity=True, quality_memo=memo, model=None, evalset=None, eval_config=None, seed=0,
+                          scenario=SimpleNamespace(max_quality_loss=0.1))
+    assert search.stop_early(ctx, "bad", "A") == (0.5, [[False]])
+    assert search.stop_early(ctx, "bad", "A") == (0.5, [[False]]) and calls == ["bad"]  # the other bucket: reused
+    assert search.stop_early(ctx, "good", "B") == (None, [[False]]) and calls == ["bad", "good"]
+    memo["B"] = object()  # measured in full by measure()
+    assert search.stop_early(ctx, "good", "B") == (None, None) and calls == ["bad", "good"]
+    alone = SimpleNamespace(**{**ctx.__dict__, "quality_memo": None})  # no shared memo: the slice runs every time
+    search.stop_early(alone, "bad", "A")
+    assert calls == ["bad", "good", "bad"]
