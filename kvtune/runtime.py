@@ -28,6 +28,7 @@ Devices: the model's inputs are moved to the model's device. A record stays on t
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -361,8 +362,10 @@ def attention_column_sums(query: torch.Tensor, keys: torch.Tensor, scaling: floa
     return total
 
 
+@functools.lru_cache(maxsize=4)
 def _end_aligned_causal(tq: int, tk: int, device: torch.device) -> torch.Tensor:
-    """Bool mask (tq, tk): query i (the i-th of the last tq positions) sees keys up to tk - tq + i."""
+    """Bool mask (tq, tk): query i (the i-th of the last tq positions) sees keys up to tk - tq + i. Memoized:
+    every layer of a forward asks for the same one (read only; never written to)."""
     return torch.ones(tq, tk, dtype=torch.bool, device=device).tril(diagonal=tk - tq)
 
 

@@ -294,3 +294,27 @@ class Codec(Strategy):
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class TokenView:
+    """A decoded (B, H, N, D) working buffer that grows by appending tokens in place: spare capacity along the
+    token axis (half the length again, at least 256 tokens) absorbs later appends, so each append copies only the
+    new tokens instead of the whole cache. :meth:`tensor` is a view of the first N tokens; positions below N are
+    never written again, so a view handed out earlier stays valid after later appends."""
+
+    def __init__(self, first: torch.Tensor) -> None:
+        self._buf = first
+        self.tokens = first.shape[2]
+
+    def append(self, new: torch.Tensor) -> None:
+        n, t = self.tokens, new.shape[2]
+        if n + t > self._buf.shape[2]:
+            b, h, _, d = new.shape
+            grown = new.new_empty((b, h, n + t + max(256, (n + t) // 2), d))
+            grown[:, :, :n] = self._buf[:, :, :n]
+            self._buf = grown
+        self._buf[:, :, n : n + t] = new
+        self.tokens = n + t
+
+    def tensor(self) -> torch.Tensor:
+        return self._buf[:, :, : self.tokens]

@@ -8,8 +8,8 @@ from typing import Any, ClassVar
 import torch
 
 from kvtune.kernels.quant import Fp8Tensor, dequantize_fp8, fp8_nbytes, quantize_fp8
-from kvtune.kernels.quant.reference import FP8_DTYPES, FP8_MAX
-from kvtune.strategies.base import Codec, Store
+from kvtune.kernels.quant.reference import FP8_DTYPES, FP8_MAX, fp8_values
+from kvtune.strategies.base import Codec, Store, TokenView
 from kvtune.strategies.per_token import PerTokenStore
 
 
@@ -34,10 +34,11 @@ class StaticFp8Store(Store):
     def __init__(self, fmt: str) -> None:
         self.fmt = fmt
         self.k: torch.Tensor | None = None  # (B, H, N, D) float8
+        self.scales: torch.Tensor | None = None  # (2,) float32: K's and V's static scale, 1.0
         self.v: torch.Tensor | None = None
         self.dtype: torch.dtype | None = None
         self.tokens = 0
-        self._view: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._view: tuple[TokenView, TokenView] | None = None
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         fmax = FP8_MAX[self.fmt]
@@ -46,17 +47,19 @@ class StaticFp8Store(Store):
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         kq, vq = self._encode(keys), self._encode(values)
         self.dtype = keys.dtype
+        if self.scales is None:
+            self.scales = torch.ones(2, dtype=torch.float32, device=keys.device)
         self.k = kq if self.k is None else torch.cat([self.k, kq], dim=-2)
         self.v = vq if self.v is None else torch.cat([self.v, vq], dim=-2)
         self.tokens += keys.shape[-2]
         if self._view is not None:
-            self._view = (torch.cat([self._view[0], kq.to(self.dtype)], dim=-2),
-                          torch.cat([self._view[1], vq.to(self.dtype)], dim=-2))
+            self._view[0].append(fp8_values(kq).to(self.dtype))
+            self._view[1].append(fp8_values(vq).to(self.dtype))
 
     def decoded(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._view is None:
-            self._view = (self.k.to(self.dtype), self.v.to(self.dtype))
-        return self._view
+            self._view = (TokenView(fp8_values(self.k).to(self.dtype)), TokenView(fp8_values(self.v).to(self.dtype)))
+        return self._view[0].tensor(), self._view[1].tensor()
 
     def keep(self, idx: torch.Tensor) -> None:
         gather = idx.long()[..., None].expand(-1, -1, -1, self.k.shape[-1])  # (B, H, K, D)
@@ -68,7 +71,7 @@ class StaticFp8Store(Store):
     def nbytes(self) -> int:
         if self.k is None:
             return 0
-        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size() + self.SCALE_BYTES
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.scales))
 
     def __len__(self) -> int:
         return self.tokens

@@ -14,9 +14,9 @@ from kvtune.strategies.per_token import PerTokenStore
 SCALE_BYTES = 4  # a symmetric group's scale is float32, as vLLM stores it
 
 
-def quantize_symmetric(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 of ``x`` (B, H, T, D) per token and ``group_size`` channels: ``(codes int8 (B, H, T, D),
-    scale float32 (B, H, T, D/G))``.
+def quantize_symmetric(x: torch.Tensor, group_size: int) -> "SymmetricInt8Tensor":
+    """Symmetric int8 of ``x`` (B, H, T, D) per token and ``group_size`` channels: codes int8 (B, H, T, D) and
+    scale float32 (B, H, T, D/G).
 
     vLLM 0.33's per-token-head formula (``_reshape_cache_per_token_head`` in
     vllm/v1/attention/ops/triton_reshape_and_cache_flash.py, ``IS_INT_QUANT``): ``scale = max(amax / 127, 1e-6)``
@@ -28,66 +28,39 @@ def quantize_symmetric(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     scale = (g.abs().amax(dim=-1, keepdim=True) / 127.0).clamp_min(1e-6)  # (B, H, T, D/G, 1) float32
     q = g * (1.0 / scale)
     q = torch.where(q >= 0, q + 0.5, q - 0.5).clamp(-128.0, 127.0).trunc()  # half away from zero
-    return q.to(torch.int8).reshape(b, h, t, d), scale.squeeze(-1)
+    return SymmetricInt8Tensor(q.to(torch.int8).reshape(b, h, t, d), scale.squeeze(-1), x.dtype)
 
 
-def dequantize_symmetric(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``codes * scale`` in float32, cast to ``dtype``: (B, H, T, D) int8, (B, H, T, D/G) -> (B, H, T, D)."""
-    b, h, t, d = codes.shape
-    g = codes.float().reshape(b, h, t, scale.shape[-1], -1)  # (B, H, T, D/G, G)
-    return (g * scale[..., None]).reshape(b, h, t, d).to(dtype)
+def dequantize_symmetric(st: "SymmetricInt8Tensor") -> torch.Tensor:
+    """``codes * scale`` in float32, cast to the encoded tensor's dtype: (B, H, T, D)."""
+    b, h, t, d = st.codes.shape
+    g = st.codes.float().reshape(b, h, t, st.scale.shape[-1], -1)  # (B, H, T, D/G, G)
+    return (g * st.scale[..., None]).reshape(b, h, t, d).to(st.dtype)
 
 
-class SymmetricInt8Store(Store):
-    """int8 codes and one float32 scale per token and group of channels, for K and V. Tokens are encoded on their
-    own, so appends and cuts are exact; the decoded view is memoized as in :class:`PerTokenStore`."""
+@dataclass(frozen=True)
+class SymmetricInt8Tensor:
+    """Symmetric int8 codes (B, H, T, D) and one float32 scale per token and group of channels (B, H, T, D/G).
+    Every token carries its own scales, so concatenation and token gathers are exact."""
 
-    working_buffers = ("_view",)
-
-    def __init__(self, group_size: int) -> None:
-        self.group_size = group_size
-        self.k: tuple[torch.Tensor, torch.Tensor] | None = None  # (codes (B, H, N, D) int8, scale (B, H, N, D/G))
-        self.v: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.dtype: torch.dtype | None = None
-        self.tokens = 0
-        self._view: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return quantize_symmetric(x, min(self.group_size, x.shape[-1]))
-
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        kq, vq = self._encode(keys), self._encode(values)
-        self.dtype = keys.dtype
-        cat = lambda old, new: new if old is None else (torch.cat([old[0], new[0]], dim=2),  # noqa: E731
-                                                       torch.cat([old[1], new[1]], dim=2))
-        self.k, self.v = cat(self.k, kq), cat(self.v, vq)
-        self.tokens += keys.shape[-2]
-        if self._view is not None:
-            self._view = (torch.cat([self._view[0], dequantize_symmetric(*kq, self.dtype)], dim=-2),
-                          torch.cat([self._view[1], dequantize_symmetric(*vq, self.dtype)], dim=-2))
-
-    def decoded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._view is None:
-            assert self.k is not None and self.v is not None and self.dtype is not None
-            self._view = (dequantize_symmetric(*self.k, self.dtype), dequantize_symmetric(*self.v, self.dtype))
-        return self._view
-
-    def keep(self, idx: torch.Tensor) -> None:
-        idx = idx.long()[..., None]  # (B, H, K, 1)
-        pick = lambda t: t.gather(2, idx.expand(-1, -1, -1, t.shape[-1]))  # noqa: E731 - (B, H, K, W)
-        assert self.k is not None and self.v is not None
-        self.k = (pick(self.k[0]), pick(self.k[1]))
-        self.v = (pick(self.v[0]), pick(self.v[1]))
-        self.tokens = idx.shape[2]
-        self._view = None
+    codes: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype  # of the tensor that was quantized (what decoding returns)
 
     def nbytes(self) -> int:
-        if self.k is None or self.v is None:
-            return 0
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale))
 
-    def __len__(self) -> int:
-        return self.tokens
+    def index_select_tokens(self, idx: torch.Tensor) -> "SymmetricInt8Tensor":
+        """Keep tokens ``idx`` (B, H, K) per (batch, head), in that order."""
+        idx = idx.long()[..., None]  # (B, H, K, 1)
+        pick = lambda t: t.gather(2, idx.expand(-1, -1, -1, t.shape[-1]))  # noqa: E731 - (B, H, K, W)
+        return SymmetricInt8Tensor(pick(self.codes), pick(self.scale), self.dtype)
+
+    @staticmethod
+    def concat(parts: list["SymmetricInt8Tensor"]) -> "SymmetricInt8Tensor":
+        """Join along the token axis."""
+        return SymmetricInt8Tensor(torch.cat([p.codes for p in parts], dim=2), torch.cat([p.scale for p in parts], dim=2),
+                                   parts[0].dtype)
 
 
 @dataclass
@@ -120,7 +93,8 @@ class Int8(Codec):
     def new_store(self) -> Store:
         group = self.group_size
         if self.symmetric:
-            return SymmetricInt8Store(group)
+            return PerTokenStore(lambda x: quantize_symmetric(x, min(group, x.shape[-1])), dequantize_symmetric,
+                                 SymmetricInt8Tensor.concat)
         return PerTokenStore(
             lambda x: quantize_int(x, bits=8, group_size=min(group, x.shape[-1]), axis="channel"), dequantize_int)
 

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 
 from kvtune.kernels.quant import QuantizedTensor, concat_tokens, dequantize_int, int_nbytes, quantize_int
-from kvtune.strategies.base import Codec, Store, tensor_bytes
+from kvtune.strategies.base import Codec, Store, TokenView, tensor_bytes
 
 # How the full-precision value window moves (``KIVI.value_window``):
 #   "paper"        the paper's policy: the newest ``residual`` values always stay in full precision, a sliding
@@ -67,7 +67,7 @@ class KiviStore(Store):
         self.n_vq = 0
         self.n_tokens = 0
         # decoded quantized parts (keys, values), extended as tokens are quantized; None until first asked
-        self._deq: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._deq: tuple[TokenView, TokenView] | None = None
         self._split: tuple | None = None  # attend()'s operands, until the store changes
 
     @property
@@ -86,7 +86,7 @@ class KiviStore(Store):
         self.k_res = self.k_res[:, :, n:].contiguous()
         self.n_kq += n
         if self._deq is not None:
-            self._deq = (torch.cat([self._deq[0], dequantize_int(kq)], dim=-2), self._deq[1])
+            self._deq[0].append(dequantize_int(kq))
 
     def _quantize_values(self, n: int) -> None:
         gv = min(self.group_size, self.v_res.shape[-1])
@@ -95,7 +95,7 @@ class KiviStore(Store):
         self.v_res = self.v_res[:, :, n:].contiguous()
         self.n_vq += n
         if self._deq is not None:
-            self._deq = (self._deq[0], torch.cat([self._deq[1], dequantize_int(vq)], dim=-2))
+            self._deq[1].append(dequantize_int(vq))
 
     def _flush(self, force: bool = False) -> None:
         """Keys: once the key residual reaches ``residual`` (or when ``force``), quantize every whole group in
@@ -124,9 +124,9 @@ class KiviStore(Store):
         if self._deq is None:  # memoized: later flushes dequantize only their new tokens (nbytes excludes it)
             b, h, _, d = self.k_res.shape
             empty = self.k_res.new_empty((b, h, 0, d))
-            self._deq = (empty if self.kq is None else dequantize_int(self.kq),
-                         empty if self.vq is None else dequantize_int(self.vq))
-        return self._deq
+            self._deq = (TokenView(empty if self.kq is None else dequantize_int(self.kq)),
+                         TokenView(empty if self.vq is None else dequantize_int(self.vq)))
+        return self._deq[0].tensor(), self._deq[1].tensor()
 
     def decoded(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kq is None and self.vq is None:
@@ -149,10 +149,10 @@ class KiviStore(Store):
             else:
                 k_tail, v_tail = self.k_res, self.v_res  # (B, H, n - m, D) once the quantized tails join
                 if self.n_kq > m:
-                    k_tail = torch.cat([self._deq[0][:, :, m:] if self._deq is not None else
+                    k_tail = torch.cat([self._deq[0].tensor()[:, :, m:] if self._deq is not None else
                                         dequantize_int(_slice_tokens(self.kq, m, self.n_kq)), k_tail], dim=-2)
                 if self.n_vq > m:
-                    v_tail = torch.cat([self._deq[1][:, :, m:] if self._deq is not None else
+                    v_tail = torch.cat([self._deq[1].tensor()[:, :, m:] if self._deq is not None else
                                         dequantize_int(_slice_tokens(self.vq, m, self.n_vq)), v_tail], dim=-2)
                 kq = self.kq if self.n_kq == m else _slice_tokens(self.kq, 0, m)
                 vq = self.vq if self.n_vq == m else _slice_tokens(self.vq, 0, m)

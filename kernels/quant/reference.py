@@ -36,32 +36,26 @@ FP8_MAX = {"e4m3": torch.finfo(torch.float8_e4m3fn).max, "e5m2": torch.finfo(tor
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes ``(..., D)`` (values in ``[0, 2**bits)``) into uint8 words ``(..., D * bits / 8)``."""
     per_word = 8 // bits
-    d = codes.shape[-1]
-    c = codes.to(torch.int32).reshape(*codes.shape[:-1], d // per_word, per_word)  # (..., D/E, E)
-    shifts = torch.arange(per_word, device=codes.device, dtype=torch.int32) * bits  # (E,)
-    return (c << shifts).sum(dim=-1).to(torch.uint8)  # (..., D/E): disjoint bit fields, sum == bitwise or
-
-
-_UNPACK_TABLES: dict[tuple[int, str, torch.dtype], torch.Tensor] = {}
-
-
-def _unpack_table(bits: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """``(256, 8 / bits)``: the codes held in every possible byte (one gather beats shift-and-mask on CPUs)."""
-    key = (bits, str(device), dtype)
-    table = _UNPACK_TABLES.get(key)
-    if table is None:
-        words = torch.arange(256, device=device, dtype=torch.int32).unsqueeze(-1)  # (256, 1)
-        shifts = torch.arange(8 // bits, device=device, dtype=torch.int32) * bits  # (E,)
-        table = ((words >> shifts) & ((1 << bits) - 1)).to(dtype)  # (256, E)
-        _UNPACK_TABLES[key] = table
-    return table
+    c = codes.to(torch.uint8)
+    if per_word == 1:
+        return c
+    c = c.reshape(*codes.shape[:-1], codes.shape[-1] // per_word, per_word)  # (..., D/E, E)
+    out = c[..., 0].clone()
+    for i in range(1, per_word):  # disjoint bit fields: or-ing in uint8, no wider intermediate
+        out |= c[..., i] << (i * bits)
+    return out
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: uint8 ``(..., W)`` -> codes ``(..., W * 8 / bits)`` (int32 by default)."""
+    """Inverse of :func:`pack_codes`: uint8 ``(..., W)`` -> codes ``(..., W * 8 / bits)`` (int32 by default).
+    Shift and mask in uint8 (on a CPU this beats a 256-entry table gather, whose int64 index costs more than
+    the gather saves)."""
     per_word = 8 // bits
-    c = _unpack_table(bits, packed.device, dtype)[packed.long()]  # (..., W, E)
-    return c.reshape(*packed.shape[:-1], packed.shape[-1] * per_word)  # (..., D)
+    if per_word == 1:
+        return packed.to(dtype)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)  # (E,)
+    c = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (..., W, E)
+    return c.reshape(*packed.shape[:-1], packed.shape[-1] * per_word).to(dtype)
 
 
 def _grouped(x: torch.Tensor, group_size: int, axis: str) -> torch.Tensor:
@@ -84,7 +78,7 @@ def quantize_int_ref(x: torch.Tensor, bits: int, group_size: int, axis: str):
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     zero = lo.to(x.dtype)
     v = (g - zero.float()) / scale.float()
-    codes = torch.floor(v + 0.5).clamp_(0, levels).to(torch.int32).reshape(b, h, t, d)  # (B, H, T, D)
+    codes = torch.floor(v + 0.5).clamp_(0, levels).to(torch.uint8).reshape(b, h, t, d)  # (B, H, T, D)
     return pack_codes(codes, bits), scale.squeeze(red), zero.squeeze(red)
 
 
@@ -116,7 +110,29 @@ def quantize_fp8_ref(x: torch.Tensor, fmt: str, scale_axis: str):
     return data, scale
 
 
+_FP8_TABLES: dict[tuple[torch.dtype, str], torch.Tensor] = {}
+
+
+def _fp8_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """float32 ``(256,)``: the value of every fp8 bit pattern, made by the cast itself (so decoding through it
+    is bit-identical to ``data.float()``, and on a CPU several times faster than that cast)."""
+    key = (dtype, str(device))
+    table = _FP8_TABLES.get(key)
+    if table is None:
+        table = torch.arange(256, dtype=torch.uint8, device=device).view(dtype).float()
+        _FP8_TABLES[key] = table
+    return table
+
+
+def fp8_values(data: torch.Tensor) -> torch.Tensor:
+    """fp8 codes as float32 values, exactly ``data.float()`` (on a CPU through :func:`_fp8_table`)."""
+    if data.device.type != "cpu":
+        return data.float()
+    table = _fp8_table(data.dtype, data.device)
+    return table.index_select(0, data.reshape(-1).view(torch.uint8).int()).view(data.shape)
+
+
 def dequantize_fp8_ref(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``data * scale`` in float32, cast to ``dtype``; scale ``(B,H)`` or ``(B,H,T)``."""
     s = scale[:, :, None, None] if scale.dim() == 2 else scale[:, :, :, None]  # broadcast to (B, H, T, D)
-    return (data.float() * s).to(dtype)
+    return (fp8_values(data) * s).to(dtype)

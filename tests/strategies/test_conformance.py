@@ -22,7 +22,6 @@ import optuna
 import pytest
 import torch
 
-from kvtune.kernels.quant import Fp8Tensor, QuantizedTensor
 from kvtune.pipeline import Pipeline, Stage
 from kvtune.strategies import Stages
 from kvtune.runtime import KVCache
@@ -199,7 +198,7 @@ def held_bytes(obj, seen=None) -> int:
     seen.add(id(obj))
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
-    if isinstance(obj, (QuantizedTensor, Fp8Tensor)):
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # the encoded tensor types
         return sum(held_bytes(getattr(obj, f.name), seen) for f in dataclasses.fields(obj))
     if isinstance(obj, (list, tuple)):
         return sum(held_bytes(x, seen) for x in obj)
@@ -209,11 +208,19 @@ def held_bytes(obj, seen=None) -> int:
     return 0
 
 
+# codec variants with a store of their own, beside each codec's case above
+VARIANT_CASES = {"int8 symmetric": ("int8", {"group_size": 64, "symmetric": True}),
+                 "fp8 scale tensor": ("fp8", {"fmt": "e4m3", "scale": "tensor"}),
+                 "fp8 scale token": ("fp8", {"fmt": "e5m2", "scale": "token"})}
+BYTES_CASES = {**{name: (name, params) for name, params in CODEC_CASES.items()}, **VARIANT_CASES}
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("tokens", [17, 54, 97])
-@pytest.mark.parametrize("name", sorted(CODEC_CASES))
-def test_bytes_reported_are_bytes_held(name, tokens, dtype):
-    codec = build("codec", name, CODEC_CASES[name])
+@pytest.mark.parametrize("case", sorted(BYTES_CASES))
+def test_bytes_reported_are_bytes_held(case, tokens, dtype):
+    name, params = BYTES_CASES[case]
+    codec = build("codec", name, params)
     for layer in (0, 1):  # mixed: an edge layer and a middle one
         store = codec.layer_store(layer, 3)
         g = torch.Generator().manual_seed(tokens)

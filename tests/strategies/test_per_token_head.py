@@ -47,7 +47,7 @@ def test_codes_and_decoded_values_match_vllms_formula(tokens: int, head_dim: int
     keys[0, 1, 2] = 0.0  # an all-zero head: scale 1e-6, codes 0
     store = _codec().new_store()
     store.append(keys, values)
-    codes, scales = store.k  # (B, H, T, D) int8, (B, H, T, 1) float32
+    codes, scales = store.k.codes, store.k.scale  # (B, H, T, D) int8, (B, H, T, 1) float32
     dk, dv = store.decoded()
     for b in range(2):
         for h in range(3):
@@ -66,8 +66,8 @@ def test_rounding_is_half_away_from_zero() -> None:
     head = torch.tensor([127.0, 2.5, -2.5, 0.5, -0.5, -127.0] + [0.0] * 58)
     store = _codec(64).new_store()
     store.append(head.expand(1, 1, 1, 64), head.expand(1, 1, 1, 64))
-    assert store.k[0][0, 0, 0, :6].tolist() == [127, 3, -3, 1, -1, -127]
-    assert store.k[0][0, 0, 0, :6].tolist() == vllm_int8_per_token_head(head.tolist())[0][:6]
+    assert store.k.codes[0, 0, 0, :6].tolist() == [127, 3, -3, 1, -1, -127]
+    assert store.k.codes[0, 0, 0, :6].tolist() == vllm_int8_per_token_head(head.tolist())[0][:6]
 
 
 def test_error_is_bounded_by_half_a_step() -> None:
@@ -108,7 +108,7 @@ def test_smaller_groups_get_their_own_scale() -> None:
     x = torch.cat([torch.full((1, 1, 1, 32), 0.01), torch.full((1, 1, 1, 32), 10.0)], dim=-1)
     store = _codec(32).new_store()
     store.append(x, x)
-    assert store.k[1].shape == (1, 1, 1, 2)
+    assert store.k.scale.shape == (1, 1, 1, 2)
     assert torch.allclose(store.decoded()[0], x, rtol=1e-3)
 
 
