@@ -222,7 +222,7 @@ class BucketResult:
 
 def search_buckets(ctx: SearchContext, buckets: list[LengthBucket], tokenizer: Any, *, trials: int, storage: str,
                    study_name: str, model_source: str, attention_sums: bool,
-                   on_trial: Callable[[int, Pipeline | None, str], None] | None = None,
+                   on_trial: Callable[[int, Pipeline | None, str, bool], None] | None = None,
                    progress: Callable[[str], None] | None = None) -> BucketResult:
     """Steps 2-4 of the module docstring."""
     shared: dict[int, tuple[EvalSet, EvalConfig, dict[str, Any]]] = {}

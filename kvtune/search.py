@@ -190,7 +190,8 @@ class StudyOutcome:
     trials: list[Pipeline]  # every completed trial, measured, in trial order
     pruned: list[tuple[int, str]] = field(default_factory=list)  # (trial number, reason)
     failed: list[tuple[int, str]] = field(default_factory=list)
-    new_trials: int = 0
+    new_trials: int = 0  # trials this run added (repeats and pre-check rejections included)
+    new_candidates: int = 0  # of them, pipelines the study had not measured
     resumed_trials: int = 0
     seconds: float = 0.0
 
@@ -277,10 +278,19 @@ def _measured(study: Any, study_name: str, known: dict[str, Pipeline]) -> dict[s
     return found
 
 
+REPEAT_ALLOWANCE = 3  # a study stops after this many times ``trials`` trials even if short of new candidates
+
+
 def run_study(ctx: SearchContext, *, trials: int, storage: str, study_name: str, model_source: str,
-              on_trial: Callable[[int, Pipeline | None, str], None] | None = None,
+              on_trial: Callable[[int, Pipeline | None, str, bool], None] | None = None,
               settings: dict[str, Any] | None = None, sampler_seed: int | None = None) -> StudyOutcome:
-    """Run ``trials`` new trials on the study (created or resumed) and return every completed one.
+    """Measure ``trials`` new candidates on the study (created or resumed) and return every completed trial.
+
+    A new candidate is a pipeline the study has not measured, in full or by the probe slice. TPE proposes a
+    measured pipeline again now and then (on a small discrete space, often): such a repeat is recorded for the
+    sampler from the stored figures at no cost and does not count, nor does a candidate the cost pre-check
+    rejects; after ``REPEAT_ALLOWANCE * trials`` trials the study stops short. ``on_trial(number, pipeline or
+    None, label or reason, new)`` reports every trial, ``new`` telling whether it counted.
 
     ``settings`` (what the study was created with: scenario, model, target, hardware, ...) is stored on a new
     study for ``kvtune worker``; ``sampler_seed`` (default ``ctx.seed``) lets each worker sample its own candidates.
@@ -324,13 +334,16 @@ def run_study(ctx: SearchContext, *, trials: int, storage: str, study_name: str,
     started = time.perf_counter()
 
     prefer = ctx.scenario.prefer
+    counted = 0  # new candidates measured by this run
 
     def objective(trial: Any) -> tuple[float, float, float]:
+        nonlocal counted
         mark_worker(trial)
         pipeline = suggest_pipeline(trial, ctx.scenario)
         label = pipeline.label()
         if label not in done:  # another worker may have measured it since
             done.update(_measured(study, study_name, done))
+        new = label not in done and label not in stopped
         if label in done:
             measured = done[label].model_copy(update={})
         else:
@@ -343,7 +356,7 @@ def run_study(ctx: SearchContext, *, trials: int, storage: str, study_name: str,
             if reason:
                 trial.set_user_attr(ATTR_REASON, reason)
                 if on_trial:
-                    on_trial(trial.number, None, f"rejected before running: {reason}")
+                    on_trial(trial.number, None, f"rejected before running: {reason}", False)
                 raise optuna.TrialPruned(reason)
             bound, probes = stopped.get(label), None
             if bound is None:
@@ -357,20 +370,31 @@ def run_study(ctx: SearchContext, *, trials: int, storage: str, study_name: str,
                 trial.set_user_attr(ATTR_REASON, reason)
                 trial.set_user_attr(ATTR_STOPPED, bound)
                 trial.set_constraint("quality_loss", bound - ctx.scenario.max_quality_loss)
+                counted += new
                 if on_trial:
-                    on_trial(trial.number, None, reason)
+                    on_trial(trial.number, None, reason if new else f"repeat, {reason}", new)
                 return (bound, sv.ttft_ms if prefer == "ttft" else -sv.tokens_per_s, cost.bytes_per_token)
             measured = measure(ctx, pipeline, trial.number, probes)
             done[label] = measured
         trial.set_constraint("quality_loss", violation(measured.measured.quality, ctx.scenario))  # type: ignore[union-attr]
         trial.set_user_attr(ATTR_PIPELINE, measured.model_dump(mode="json", exclude_none=True))
+        counted += new
         if on_trial:
-            on_trial(trial.number, measured, label)
+            on_trial(trial.number, measured, label if new else f"repeat of {label}", new)
         return objectives(measured, prefer)
 
-    study.optimize(objective, n_trials=trials, catch=(MemoryError, RuntimeError), gc_after_trial=False,
-                   callbacks=[lambda study, _trial: fail_dead_trials(study)])  # journal: a dead worker's trial
-    outcome.new_trials = trials
+    ran = 0
+
+    def after_trial(study: Any, _trial: Any) -> None:
+        nonlocal ran
+        ran += 1
+        fail_dead_trials(study)  # journal: a dead worker's trial
+        if counted >= trials:
+            study.stop()
+
+    study.optimize(objective, n_trials=REPEAT_ALLOWANCE * trials, catch=(MemoryError, RuntimeError),
+                   gc_after_trial=False, callbacks=[after_trial])
+    outcome.new_trials, outcome.new_candidates = ran, counted
     for t in study.get_trials(deepcopy=False):
         if t.state == optuna.trial.TrialState.COMPLETE and ATTR_PIPELINE in t.user_attrs:
             outcome.trials.append(Pipeline.model_validate(t.user_attrs[ATTR_PIPELINE]))

@@ -75,7 +75,7 @@ def recommend(
     hardware: Annotated[Optional[str], typer.Option(help="reference hardware instead of this machine, e.g. h100-sxm")] = None,
     model: Annotated[Optional[str], typer.Option(help="GGUF file, HF model folder or cached hub id (default: bundled SmolLM2-135M-Instruct)")] = None,
     target: Annotated[Optional[str], typer.Option(help="model preset whose shapes cost is measured at (default: --model's)")] = None,
-    trials: Annotated[int, typer.Option(min=1, help="new trials to run")] = 24,
+    trials: Annotated[int, typer.Option(min=1, help="new candidates to measure (repeats the sampler proposes do not count; at most 3x as many trials)")] = 24,
     storage: Annotated[str, typer.Option(help="Optuna storage URL (SQLite file, PostgreSQL, journal)")] = DEFAULT_STORAGE,
     study_name: Annotated[Optional[str], typer.Option(help="study to create or resume (default: from model, hardware, workload, scenario)")] = None,
     seed: Annotated[int, typer.Option(help="seed of the sampler and the evaluation data")] = 0,
@@ -176,11 +176,11 @@ def recommend(
                   TextColumn("{task.description}"), console=stderr, transient=False) as bar:
         task = bar.add_task("", total=trials)
 
-        def on_trial(number: int, measured: Pipeline | None, label: str) -> None:
+        def on_trial(number: int, measured: Pipeline | None, label: str, new: bool) -> None:
             desc = label if measured is None else (
                 f"#{number} {label}: loss {measured.measured.quality.quality_loss:.4f}, "  # type: ignore[union-attr]
                 f"{measured.measured.cost.compression_ratio:.2f}x")  # type: ignore[union-attr]
-            bar.update(task, advance=1, description=desc[:90])
+            bar.update(task, advance=int(new), description=desc[:90])
 
         outcome = run_study(ctx, trials=trials, storage=storage, study_name=name, model_source=prep.loaded.identity,
                             on_trial=on_trial, settings={  # what `kvtune worker` rebuilds the setup from
@@ -227,8 +227,10 @@ def recommend(
     else:
         emit({"recommended": best.to_dict(), "pareto_front": [p.to_dict() for p in front],
               "trials": len(outcome.trials), "tried": [p.label() for p in outcome.trials],
+              "new_trials": outcome.new_trials, "new_candidates": outcome.new_candidates,
               "pruned": [{"trial": n, "reason": r} for n, r in outcome.pruned]}, format)
-    stderr.print(f"{outcome.new_trials} trials in {elapsed:.0f} s ({len(outcome.trials)} measured in the study, "
+    stderr.print(f"{outcome.new_trials} trials, {outcome.new_candidates} of them new candidates, in {elapsed:.0f} s "
+                 f"({len(outcome.trials)} measured in the study, "
                  f"{len(outcome.pruned)} rejected before running or stopped after the probe slice); wrote {output}")
     if report is not None:
         written = write_report(report, ReportInput(trials=outcome.trials, best=best, feasible=feasible, scenario=scen,
@@ -269,15 +271,16 @@ def _measure_nearest(ctx, best: Pipeline, targets: list[str], stack_profile) -> 
         stderr.print(escape(line))
 
 
-def _trial_line(number: int, measured: Pipeline | None, label: str) -> None:
+def _trial_line(number: int, measured: Pipeline | None, label: str, new: bool) -> None:
     """One stderr line per finished trial of a bucket study (the bucket studies run one after another)."""
     if measured is None or measured.measured is None:
         stderr.print(escape(f"  trial {number}: {label}"))
         return
     m = measured.measured
     tps = f", {m.serving.tokens_per_s:,.0f} tokens/s" if m.serving is not None else ""
+    took = f"({m.seconds:.0f} s)" if new else f"(trial {m.trial}'s figures)"
     stderr.print(escape(f"  trial {number}: {label}: loss {m.quality.quality_loss:.4f}, "
-                        f"{m.cost.bytes_per_token:,.0f} B/token{tps} ({m.seconds:.0f} s)"))
+                        f"{m.cost.bytes_per_token:,.0f} B/token{tps} {took}"))
 
 
 def _print_buckets(result: BucketResult, format: OutputFormat, doc: Pipeline) -> None:

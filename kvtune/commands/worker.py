@@ -76,7 +76,7 @@ def worker_seed(seed: int, who: str) -> int:
 def worker(
     storage: Annotated[str, typer.Option(help="the study's Optuna storage URL (PostgreSQL, MySQL, journal file, SQLite)")],
     study: Annotated[str, typer.Option(help="study name, as given to (or printed by) kvtune recommend")],
-    trials: Annotated[int, typer.Option(min=1, help="trials this worker runs")] = 24,
+    trials: Annotated[int, typer.Option(min=1, help="new candidates this worker measures (repeats do not count; at most 3x as many trials)")] = 24,
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     profile: Annotated[Optional[str], typer.Option(help="this host's copy of the study's --profile file (default: the recorded path)")] = None,
     calibration: Annotated[Optional[list[str]], typer.Option(help="this host's copies of the study's --calibration files (default: the recorded paths)")] = None,
@@ -118,7 +118,7 @@ def worker(
     stderr.print(f"worker {escape(me)} joins study '{escape(printable(study))}' (scenario {scen.name}) for "
                  f"{trials} trials")
 
-    def on_trial(number: int, measured: Pipeline | None, label: str) -> None:
+    def on_trial(number: int, measured: Pipeline | None, label: str, _new: bool) -> None:
         if measured is None:
             stderr.print(f"trial {number}: {escape(label)}")
             return
@@ -132,7 +132,8 @@ def worker(
     for number, reason in outcome.failed:
         stderr.print(f"trial {number} failed: {escape(printable(str(reason)))}")
     best, feasible = choose(outcome.trials, scen)
-    summary = {"study": study, "worker": me, "trials_run": outcome.new_trials, "measured_in_study": len(outcome.trials),
+    summary = {"study": study, "worker": me, "trials_run": outcome.new_trials, "new_candidates": outcome.new_candidates,
+               "measured_in_study": len(outcome.trials),
                "rejected": len(outcome.pruned), "failed": len(outcome.failed),
                "recommended_now": best.label() if best is not None else None, "feasible": feasible}
     if format is OutputFormat.table:
@@ -141,6 +142,7 @@ def worker(
                                                  title=f"Pareto front of {len(outcome.trials)} trials ({scen.name})"))
     else:
         emit(summary, format)
-    stderr.print(f"worker {escape(me)}: {outcome.new_trials} trials in {outcome.seconds:.0f} s; the study holds "
+    stderr.print(f"worker {escape(me)}: {outcome.new_trials} trials ({outcome.new_candidates} new candidates) in "
+                 f"{outcome.seconds:.0f} s; the study holds "
                  f"{len(outcome.trials)} measured trials; write the pipeline with kvtune recommend --storage ... "
                  f"--study-name {escape(printable(study))}")

@@ -10,12 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from kvtune.cli import app
-from kvtune.pipeline import load_pipeline
+from kvtune.pipeline import Pipeline, load_pipeline
 from kvtune.strategies import multiturn_safe
 
 runner = CliRunner()
@@ -126,7 +127,16 @@ def test_resume_keeps_earlier_trials_and_backs_up_output(tiny_study):
                   "--format", "json"], cwd=folder)
     assert result.exit_code == 0, result.output
     doc = yaml.safe_load(result.stdout)
-    assert doc["trials"] == 4  # 3 earlier + 1 new, all in the report
+    study = optuna.load_study(study_name=doc["recommended"]["provenance"]["study"], storage=f"sqlite:///{folder}/kvtune-study.db")
+    # --trials 1: one pipeline the study had not measured (repeats of measured ones are free and do not count)
+    assert doc["new_candidates"] == 1 and 1 <= doc["new_trials"] <= 3
+    assert doc["trials"] == sum("pipeline" in t.user_attrs for t in study.trials)  # every measured trial reported
+    split = len(study.trials) - doc["new_trials"]  # this run's trials come last
+
+    def labels(trials) -> set[str]:
+        return {Pipeline.model_validate(t.user_attrs["pipeline"]).label() for t in trials if "pipeline" in t.user_attrs}
+
+    assert labels(study.trials[:split]) <= set(doc["tried"])  # the earlier trials stay in the report
     assert (folder / "kvtune-pipeline.yaml.bak").exists()
 
 
@@ -152,7 +162,8 @@ def test_same_seed_same_trials(tmp_path):
         result = run(["recommend", "--scenario", "accuracy-critical", *TINY, "--format", "json"], cwd=folder)
         assert result.exit_code == 0, result.output
         runs.append(yaml.safe_load(result.stdout))
-    assert runs[0]["tried"] == runs[1]["tried"] and len(runs[0]["tried"]) == 3
+    assert runs[0]["tried"] == runs[1]["tried"]  # repeats included, in order
+    assert len(set(runs[0]["tried"])) == runs[0]["new_candidates"] == 3  # --trials 3: three pipelines measured
     losses = [{p["codec"]["method"]: p["measured"]["quality"]["quality_loss"] for p in r["pareto_front"]} for r in runs]
     assert all(v == 0.0 for d in losses for v in d.values())  # accuracy-critical: lossless only
 
@@ -231,7 +242,7 @@ import os, signal, sys
 from pathlib import Path
 import kvtune.io as io
 from kvtune.commands.export import write_exports
-from kvtune.pipeline import load_pipeline
+from kvtune.pipeline import Pipeline, load_pipeline
 calls = {"n": 0}
 real_replace, real_rename = os.replace, os.rename
 def replace(src, dst):
@@ -286,8 +297,6 @@ def test_written_files_follow_the_umask(tmp_path, umask, mode):
                     reason="a real recommend killed and resumed takes minutes on a CPU; set KVTUNE_SIGKILL_RECOMMEND=1 "
                            "(test_storage.py kills a study mid-trial in seconds)")
 def test_recommend_sigkill_then_resume(tmp_path):
-    import optuna
-
     db = tmp_path / "s.db"
     env = {**os.environ, "KVTUNE_HEARTBEAT_INTERVAL": "2", "KVTUNE_HEARTBEAT_GRACE": "5", "COLUMNS": "200"}
     exe = str(Path(sys.executable).with_name("kvtune"))

@@ -182,6 +182,31 @@ def test_a_continuing_candidate_reuses_the_slice(smol, mf_ctx, tmp_path, monkeyp
     assert out.trials[0].measured.quality == plain
 
 
+def test_repeats_are_free_and_do_not_count(smol, mf_ctx, tmp_path, monkeypatch) -> None:
+    """``trials`` counts pipelines the study has not measured. On a one-point space every trial after the first is
+    a repeat: recorded from the stored figures (measured once), reported as a repeat, not counted; the run stops
+    after REPEAT_ALLOWANCE x trials."""
+    import dataclasses
+
+    import kvtune.search as search
+
+    one = dataclasses.replace(mf_ctx.scenario, codecs=("fp16",), placements=("gpu",))
+    ctx = dataclasses.replace(mf_ctx, scenario=one)
+    calls: list[str] = []
+    real = search.measure
+    monkeypatch.setattr(search, "measure", lambda c, p, *a, **k: calls.append(p.label()) or real(c, p, *a, **k))
+    seen: list[tuple[bool, str]] = []
+    out = search.run_study(ctx, trials=2, storage=f"sqlite:///{tmp_path / 's.db'}", study_name="rep",
+                           model_source=smol.identity, on_trial=lambda _n, _p, label, new: seen.append((new, label)))
+    full = Pipeline().label()
+    assert calls == [full]
+    assert out.new_candidates == 1 and out.new_trials == 2 * search.REPEAT_ALLOWANCE == len(seen)
+    assert [new for new, _ in seen] == [True] + [False] * (len(seen) - 1)
+    assert seen[0][1] == full and all(label == f"repeat of {full}" for _, label in seen[1:])
+    assert [p.label() for p in out.trials] == [full] * len(seen)  # each trial holds the stored figures
+    assert len({p.measured.model_dump_json() for p in out.trials}) == 1
+
+
 # -- the sampler setup recommend runs (kvtune.search) ------------------------------------------------------------
 def _scenarios() -> list:
     """Every scenario, plain and narrowed to every stack's default profile that can run it."""

@@ -187,19 +187,23 @@ def test_two_workers_one_killed_mid_trial(storage_url, tmp_path):
     assert dead.params and retried, "the killed candidate was not measured again"
     survivor_pid = survivor.pid
     mine = [t for t in trials if str(t.user_attrs.get(WORKER_ATTR, "")).endswith(f":{survivor_pid}")]
-    assert len(mine) == SURVIVOR_TRIALS and all(t.state in FINISHED for t in mine)
+    import json
+
+    summary = json.loads(out)
+    # --trials counts pipelines the study had not measured; repeats are free and stop at 3x the trials
+    ran = summary["trials_run"]
+    assert len(mine) == ran and all(t.state in FINISHED for t in mine)
+    assert summary["new_candidates"] == SURVIVOR_TRIALS or (ran == 3 * SURVIVOR_TRIALS
+                                                             and summary["new_candidates"] < SURVIVOR_TRIALS)
     finished = [t for t in trials if t.state in FINISHED]
     victim_done = [n for n in before if str(after[n].user_attrs.get(WORKER_ATTR, "")).endswith(f":{victim.pid}")]
     # the creator's, the victim's before the kill, the survivor's (the retried candidate among them)
-    assert len(finished) == 1 + len(victim_done) + SURVIVOR_TRIALS
+    assert len(finished) == 1 + len(victim_done) + ran
     for t in finished:  # each trial's stored measurement is the candidate its parameters name
         doc = t.user_attrs.get("pipeline")
         if doc is not None:
             assert doc["codec"]["method"] == t.params["codec"] and doc["placement"]["method"] == t.params["placement"]
-    import json
-
-    summary = json.loads(out)
-    assert summary["trials_run"] == SURVIVOR_TRIALS and summary["measured_in_study"] >= 2 and summary["recommended_now"]
+    assert summary["measured_in_study"] >= 2 and summary["recommended_now"]
 
 
 def test_worker_refuses_other_settings_and_unknown_studies(tmp_path):
