@@ -21,9 +21,10 @@ class LowRankStore(Store):
     def _fit(self, keys: torch.Tensor) -> None:
         d = keys.shape[-1]
         r = min(self.rank, d)
-        # right singular vectors of each head's (T, D) key matrix; full_matrices so that a prompt shorter
-        # than r still yields r orthonormal directions
-        _u, _s, vh = torch.linalg.svd(keys.float(), full_matrices=True)  # vh (B, H, D, D)
+        # right singular vectors of each head's (T, D) key matrix: vh (B, H, D, D). A prompt shorter than D
+        # needs full_matrices to still yield r orthonormal directions; a longer one must not ask for them (U would
+        # be T x T per head: 16 GB at 22K tokens x 8 heads), and its reduced vh is already D x D
+        _u, _s, vh = torch.linalg.svd(keys.float(), full_matrices=keys.shape[-2] < d)
         self.basis = vh[..., :r, :].transpose(-1, -2).contiguous().to(keys.dtype)  # (B, H, D, r)
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:

@@ -149,6 +149,22 @@ def test_lowrank_full_rank_is_lossless_and_low_rank_is_exact_on_low_rank_keys():
     assert low.nbytes() < full.nbytes()
 
 
+@pytest.mark.parametrize("tokens", [5, 64, 3000])
+def test_lowrank_basis_never_asks_for_a_tokens_by_tokens_u(tokens, monkeypatch):
+    """The basis is the top right singular vectors, the same as the full SVD's, but a prompt at least head_dim long
+    must not request full matrices: U would be tokens x tokens per head (16 GB at 22K tokens x 8 heads; the cost
+    pre-check of a 22,731-token bucket was killed by the OOM killer)."""
+    keys = torch.randn(1, 2, tokens, 32, generator=torch.Generator().manual_seed(tokens))
+    asked: list[bool] = []
+    real = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda x, full_matrices=True: asked.append(full_matrices) or real(x, full_matrices=full_matrices))
+    store = build("codec", "lowrank", {"rank": 8}).new_store()
+    store.append(keys, keys)
+    assert asked == [tokens < 32]
+    vh = real(keys, full_matrices=True)[2]
+    assert torch.equal(store.basis, vh[..., :8, :].transpose(-1, -2))
+
+
 def test_mixed_uses_the_edge_codec_on_first_and_last_layers():
     mixed = build("codec", "mixed", {"edge": "fp16", "middle": "kivi2", "edge_layers": 2})
     kinds = [type(mixed.layer_store(i, 8)).__name__ for i in range(8)]
