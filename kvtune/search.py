@@ -356,7 +356,7 @@ def run_study(ctx: SearchContext, *, trials: int, storage: str, study_name: str,
             if reason:
                 trial.set_user_attr(ATTR_REASON, reason)
                 if on_trial:
-                    on_trial(trial.number, None, f"rejected before running: {reason}", False)
+                    on_trial(trial.number, None, f"{label}: rejected before running: {reason}", False)
                 raise optuna.TrialPruned(reason)
             bound, probes = stopped.get(label), None
             if bound is None:
@@ -372,7 +372,7 @@ def run_study(ctx: SearchContext, *, trials: int, storage: str, study_name: str,
                 trial.set_constraint("quality_loss", bound - ctx.scenario.max_quality_loss)
                 counted += new
                 if on_trial:
-                    on_trial(trial.number, None, reason if new else f"repeat, {reason}", new)
+                    on_trial(trial.number, None, f"{label}: {reason}" if new else f"repeat of {label}: {reason}", new)
                 return (bound, sv.ttft_ms if prefer == "ttft" else -sv.tokens_per_s, cost.bytes_per_token)
             measured = measure(ctx, pipeline, trial.number, probes)
             done[label] = measured

@@ -142,8 +142,12 @@ def test_run_study_stops_a_hopeless_candidate_after_the_probe_slice(smol, mf_ctx
     storage = f"sqlite:///{tmp_path / 's.db'}"
     study = optuna.create_study(storage=storage, study_name="mf", directions=["minimize"] * 3)
     study.enqueue_trial(KIVI2)
-    out = run_study(ctx, trials=1, storage=storage, study_name="mf", model_source=smol.identity)
+    lines: list[str] = []
+    out = run_study(ctx, trials=1, storage=storage, study_name="mf", model_source=smol.identity,
+                    on_trial=lambda _n, _p, text, _new: lines.append(text))
     assert out.trials == [] and len(out.pruned) == 1 and "stopped after the probe slice" in out.pruned[0][1]
+    assert len(lines) == 1 and lines[0].startswith("none + kivi(bits=2,group_size=32,residual=64")  # names the candidate
+    assert lines[0].endswith(f" @ gpu: {out.pruned[0][1]}")
     t = optuna.load_study(study_name="mf", storage=storage).trials[0]
     assert t.state == optuna.trial.TrialState.COMPLETE and t.values[0] == pytest.approx(bound)
     assert t.user_attrs[ATTR_STOPPED] == pytest.approx(bound) and "pipeline" not in t.user_attrs
