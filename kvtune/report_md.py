@@ -286,6 +286,14 @@ def provenance_lines(inp: ReportInput) -> list[str]:
     return [printable(line, 600) for line in lines]
 
 
+def _measured_count(measured: list[Pipeline]) -> str:
+    """"N measured trials", or "P pipelines measured in N trials" when the sampler proposed some again."""
+    distinct = len({p.label() for p in measured})
+    if distinct == len(measured):
+        return f"{len(measured)} measured trials"
+    return f"{distinct} pipelines measured in {len(measured)} trials (the rest repeats, recorded at no cost)"
+
+
 def render_markdown(inp: ReportInput) -> str:
     best, scen = inp.best, inp.scenario
     m = best.measured
@@ -295,8 +303,9 @@ def render_markdown(inp: ReportInput) -> str:
     prov = best.provenance
     full = next((p for p in measured if p.is_identity()), None)
     out = [f"# kvtune report: {_cell(scen.name)}", "",
-           f"Study `{_cell(inp.study)}` in `{_cell(inp.storage)}`: {len(measured)} measured trials"
-           f"{f', {inp.rejected} rejected before running' if inp.rejected else ''}. Scenario {_cell(scen.name)}: "
+           f"Study `{_cell(inp.study)}` in `{_cell(inp.storage)}`: {_measured_count(measured)}"
+           f"{f', {inp.rejected} rejected before running or stopped by the probe slice' if inp.rejected else ''}. "
+           f"Scenario {_cell(scen.name)}: "
            f"{_cell(scen.summary)}; quality-loss ceiling {scen.max_quality_loss:g}; prefers {scen.prefer}.", ""]
     if prov is not None:
         bits = [f"kvtune {prov.kvtune_version}", f"created {prov.created}"]

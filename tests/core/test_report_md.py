@@ -6,6 +6,8 @@ header); the report must show their figures as kvtune.report formats them, with 
 
 from __future__ import annotations
 
+import dataclasses
+
 import importlib.util
 from pathlib import Path
 
@@ -55,7 +57,9 @@ def test_markdown_shows_the_measured_figures_and_their_sources():
     assert "![Pareto front](pareto.png)" in md and "![Workload context lengths](workload.png)" in md
     assert BUCKETS_HOOK in md and "no `buckets` section" in md
     assert "optuna-dashboard postgresql://kv:***@db:5432/optuna" in md and "put it back" in md
-    assert "3 measured trials, 1 rejected before running" in md
+    assert "3 measured trials, 1 rejected before running or stopped by the probe slice" in md
+    repeated = dataclasses.replace(inp, trials=[*inp.trials, inp.trials[0]])  # a repeat the sampler proposed
+    assert "3 pipelines measured in 4 trials (the rest repeats, recorded at no cost)" in render_markdown(repeated)
 
 
 def _routed(inp: ReportInput) -> BucketResult:
