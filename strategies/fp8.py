@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -9,7 +10,7 @@ import torch
 
 from kvtune.kernels.quant import Fp8Tensor, dequantize_fp8, fp8_nbytes, quantize_fp8
 from kvtune.kernels.quant.reference import FP8_DTYPES, FP8_MAX, fp8_values
-from kvtune.strategies.base import Codec, Store, TokenView
+from kvtune.strategies.base import Codec, Store
 from kvtune.strategies.per_token import PerTokenStore
 
 
@@ -23,69 +24,59 @@ class Fp8Store(PerTokenStore):
         return decode_attention_fp8(query, self.k, self.v, scale=scale, return_probs=return_probs)
 
 
-class StaticFp8Store(Store):
-    """fp8 codes with one static scale of 1.0 (``scale="tensor"``): what vLLM, SGLang and TensorRT-LLM store when the
-    checkpoint carries no calibrated KV scales. Values are saturated to the format's range and cast; the scale is a
-    per-layer constant, so the store holds the codes and two float32 scales (K and V), nothing per token or head."""
+@dataclass(frozen=True)
+class StaticFp8Tensor:
+    """fp8 codes (B, H, T, D) under one static float32 scale of 1.0 (``scale`` (1,)): the values saturated to the
+    format's range and cast. No per-token or per-head scale, so concatenation and token gathers are exact."""
 
-    working_buffers = ("_view",)
+    data: torch.Tensor
+    scale: torch.Tensor
+    fmt: str
+    dtype: torch.dtype  # of the tensor that was quantized (what decoding returns)
+
+    @classmethod
+    def encode(cls, x: torch.Tensor, fmt: str) -> "StaticFp8Tensor":
+        fmax = FP8_MAX[fmt]
+        return cls(x.float().clamp(-fmax, fmax).to(FP8_DTYPES[fmt]),
+                   torch.ones(1, dtype=torch.float32, device=x.device), fmt, x.dtype)
+
+    def decode(self) -> torch.Tensor:
+        return fp8_values(self.data).to(self.dtype)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scale))
+
+    def index_select_tokens(self, idx: torch.Tensor) -> "StaticFp8Tensor":
+        gather = idx.long()[..., None].expand(-1, -1, -1, self.data.shape[-1])  # (B, H, K, D)
+        data = self.data.view(torch.uint8).gather(2, gather).view(self.data.dtype)  # no fp8 gather on CPU
+        return dataclasses.replace(self, data=data)
+
+    @staticmethod
+    def concat(parts: list["StaticFp8Tensor"]) -> "StaticFp8Tensor":
+        """Join along the token axis (the scale is the same constant in every part)."""
+        data = torch.cat([p.data.view(torch.uint8) for p in parts], dim=2).view(parts[0].data.dtype)
+        return dataclasses.replace(parts[0], data=data)
+
+    def as_fp8(self) -> Fp8Tensor:
+        """The same codes as an :class:`Fp8Tensor` with scale 1.0 per (B, H), for the fused kernel."""
+        b, h = self.data.shape[:2]
+        return Fp8Tensor(self.data, self.scale.expand(b, h).contiguous(), self.fmt, "head", tuple(self.data.shape), self.dtype)
+
+
+class StaticFp8Store(PerTokenStore):
+    """fp8 codes with one static scale of 1.0 (``scale="tensor"``): what vLLM, SGLang and TensorRT-LLM store when the
+    checkpoint carries no calibrated KV scales. The store holds the codes and two float32 scales (K's and V's),
+    nothing per token or head."""
+
     SCALE_BYTES = 8  # one float32 scale for K and one for V
 
     def __init__(self, fmt: str) -> None:
-        self.fmt = fmt
-        self.k: torch.Tensor | None = None  # (B, H, N, D) float8
-        self.scales: torch.Tensor | None = None  # (2,) float32: K's and V's static scale, 1.0
-        self.v: torch.Tensor | None = None
-        self.dtype: torch.dtype | None = None
-        self.tokens = 0
-        self._view: tuple[TokenView, TokenView] | None = None
-
-    def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        fmax = FP8_MAX[self.fmt]
-        return x.float().clamp(-fmax, fmax).to(FP8_DTYPES[self.fmt])  # (B, H, T, D), scale 1.0
-
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        kq, vq = self._encode(keys), self._encode(values)
-        self.dtype = keys.dtype
-        if self.scales is None:
-            self.scales = torch.ones(2, dtype=torch.float32, device=keys.device)
-        self.k = kq if self.k is None else torch.cat([self.k, kq], dim=-2)
-        self.v = vq if self.v is None else torch.cat([self.v, vq], dim=-2)
-        self.tokens += keys.shape[-2]
-        if self._view is not None:
-            self._view[0].append(fp8_values(kq).to(self.dtype))
-            self._view[1].append(fp8_values(vq).to(self.dtype))
-
-    def decoded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._view is None:
-            self._view = (TokenView(fp8_values(self.k).to(self.dtype)), TokenView(fp8_values(self.v).to(self.dtype)))
-        return self._view[0].tensor(), self._view[1].tensor()
-
-    def keep(self, idx: torch.Tensor) -> None:
-        gather = idx.long()[..., None].expand(-1, -1, -1, self.k.shape[-1])  # (B, H, K, D)
-        pick = lambda x: x.view(torch.uint8).gather(2, gather).view(x.dtype)  # noqa: E731 - no fp8 gather on CPU
-        self.k, self.v = pick(self.k), pick(self.v)
-        self.tokens = idx.shape[-1]
-        self._view = None
-
-    def nbytes(self) -> int:
-        if self.k is None:
-            return 0
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.scales))
-
-    def __len__(self) -> int:
-        return self.tokens
-
-    def _as_fp8(self, data: torch.Tensor) -> Fp8Tensor:  # a view for the fused kernel: scale 1.0 per (B, H)
-        b, h = data.shape[:2]
-        return Fp8Tensor(data, torch.ones(b, h, dtype=torch.float32, device=data.device), self.fmt, "head",
-                         tuple(data.shape), self.dtype)
+        super().__init__(lambda x: StaticFp8Tensor.encode(x, fmt), StaticFp8Tensor.decode, StaticFp8Tensor.concat)
 
     def attend(self, query: torch.Tensor, scale: float, return_probs: bool = False):
         from kvtune.kernels.decode_attention import decode_attention_fp8
 
-        return decode_attention_fp8(query, self._as_fp8(self.k), self._as_fp8(self.v), scale=scale,
-                                    return_probs=return_probs)
+        return decode_attention_fp8(query, self.k.as_fp8(), self.v.as_fp8(), scale=scale, return_probs=return_probs)
 
 
 SCALES = ("head", "token", "tensor")
